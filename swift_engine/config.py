@@ -1,0 +1,57 @@
+"""Typed engine configuration, loadable from YAML (configs/engine-*.yaml)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class EngineConfig(BaseModel):
+    """Everything that shapes one engine instance.
+
+    `model` is a local Hugging Face checkpoint directory, a hub id, or "tiny"
+    (the embedded random-weight default that needs no downloads).
+    """
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = "tiny"
+    sink_tokens: int = Field(4, ge=0, description="S: first tokens kept forever")
+    window_tokens: int = Field(1020, ge=1, description="W: most recent tokens kept")
+    page_size: int = Field(16, ge=1, le=1024, description="tokens per KV page")
+    num_pages: int | None = Field(
+        None, ge=1, description="KV pool size in pages; None sizes it from kv_cache_memory_gb")
+    kv_cache_memory_gb: float = Field(0.25, gt=0, description="pool size when num_pages is None")
+    max_batch_tokens: int = Field(512, ge=1, description="per-step token budget (decode + prefill chunks)")
+    max_running: int = Field(64, ge=1, description="sessions decoding in one step at most")
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
+    seed: int = 0
+    attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    max_idle_snapshots: int = Field(
+        100_000, ge=0, description="evicted sessions whose token ids stay in host memory")
+
+    @model_validator(mode="after")
+    def _check(self) -> "EngineConfig":
+        if self.device.startswith("cuda") is False and self.device != "cpu":
+            raise ValueError(f"device: expected 'cpu' or 'cuda[:N]', got {self.device!r}")
+        return self
+
+    @property
+    def cache_tokens(self) -> int:
+        return self.sink_tokens + self.window_tokens
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        if self.dtype == "auto":
+            return torch.float32 if self.device == "cpu" else torch.bfloat16
+        return getattr(torch, self.dtype)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "EngineConfig":
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        return cls(**data.get("engine", data))

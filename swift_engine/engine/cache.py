@@ -1,0 +1,114 @@
+"""The sink+window paged KV cache: one preallocated page pool shared by all sessions.
+
+Each session has a page table: sink pages (the first S tokens, never evicted),
+then window pages in logical order, used as a queue. Tokens are evicted one at
+a time from the window's front; a window page is freed once all its tokens are
+evicted. A slot is `page * page_size + offset`; keys are stored before RoPE.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import CapacityError
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass
+class PageTable:
+    sink_pages: list[int] = field(default_factory=list)
+    sink_len: int = 0
+    window_pages: deque[int] = field(default_factory=deque)
+    window_start: int = 0  # offset of the oldest window token in window_pages[0]
+    window_len: int = 0
+
+    @property
+    def pages(self) -> int:
+        return len(self.sink_pages) + len(self.window_pages)
+
+    @property
+    def tokens(self) -> int:
+        return self.sink_len + self.window_len
+
+
+@dataclass
+class AppendPlan:
+    """Where a step's new tokens go and what attention may read (before eviction)."""
+
+    write_slots: list[int]
+    sink_slots: list[int]      # all sinks after the append, positions 0..
+    window_slots: list[int]    # old window then new window tokens, oldest first
+    new_sinks: int             # leading tokens of the chunk that became sinks
+    old_window: int            # window tokens that were there before the chunk
+
+
+class SinkWindowCache:
+    def __init__(self, sink_tokens: int, window_tokens: int, page_size: int, num_pages: int,
+                 shape: tuple[int, int, int], device, dtype):
+        self.S, self.W, self.P = sink_tokens, window_tokens, page_size
+        layers, kv_heads, head_dim = shape
+        self.k = torch.empty(layers, num_pages * page_size, kv_heads, head_dim, device=device, dtype=dtype)
+        self.v = torch.empty_like(self.k)
+        self.num_pages = num_pages
+        self.free: deque[int] = deque(range(num_pages))
+
+    @property
+    def steady_pages(self) -> int:
+        """Most pages a session holds between steps: S + W tokens' worth, page-rounded."""
+        return ceil_div(self.S, self.P) + ceil_div(self.W + self.P - 1, self.P)
+
+    def pages_for(self, table: PageTable, n: int) -> int:
+        """New pages an append of n tokens needs."""
+        sinks = min(n, self.S - table.sink_len)
+        need = ceil_div(table.sink_len + sinks, self.P) - len(table.sink_pages)
+        end = table.window_start + table.window_len + (n - sinks)
+        return need + max(0, ceil_div(end, self.P) - len(table.window_pages))
+
+    def append(self, table: PageTable, n: int) -> AppendPlan:
+        if self.pages_for(table, n) > len(self.free):
+            raise CapacityError("KV page pool exhausted (scheduler reservation violated)")
+        old_window = table.window_len
+        new_sinks = min(n, self.S - table.sink_len)
+        write = [self._push_sink(table) for _ in range(new_sinks)]
+        write += [self._push_window(table) for _ in range(n - new_sinks)]
+        sinks = [self._slot(table.sink_pages, i) for i in range(table.sink_len)]
+        window = [self._slot(table.window_pages, table.window_start + i) for i in range(table.window_len)]
+        return AppendPlan(write, sinks, window, new_sinks, old_window)
+
+    def evict(self, table: PageTable) -> None:
+        """Drop window tokens beyond W from the front; free pages left empty."""
+        extra = table.window_len - self.W
+        if extra <= 0:
+            return
+        table.window_start += extra
+        table.window_len -= extra
+        while table.window_start >= self.P:
+            self.free.append(table.window_pages.popleft())
+            table.window_start -= self.P
+
+    def release(self, table: PageTable) -> None:
+        self.free.extend(table.sink_pages)
+        self.free.extend(table.window_pages)
+        table.sink_pages, table.window_pages = [], deque()
+        table.sink_len = table.window_len = table.window_start = 0
+
+    def _slot(self, pages, index: int) -> int:
+        return pages[index // self.P] * self.P + index % self.P
+
+    def _push_sink(self, table: PageTable) -> int:
+        if table.sink_len == len(table.sink_pages) * self.P:
+            table.sink_pages.append(self.free.popleft())
+        table.sink_len += 1
+        return self._slot(table.sink_pages, table.sink_len - 1)
+
+    def _push_window(self, table: PageTable) -> int:
+        index = table.window_start + table.window_len
+        if index == len(table.window_pages) * self.P:
+            table.window_pages.append(self.free.popleft())
+        table.window_len += 1
+        return self._slot(table.window_pages, index)

@@ -1,0 +1,252 @@
+"""EngineCore: synchronous engine. Submit requests, call step(), events go to each request's emit.
+
+Not thread-safe by itself: StreamingEngine serialises access with one lock.
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+import torch
+
+from ..config import EngineConfig
+from ..errors import CapacityError, HistoryMismatchError, InvalidRequestError, SessionBusyError, UnknownSessionError
+from ..models.llama import CausalLM
+from ..outputs import SessionSnapshot, Usage
+from ..sampling import make_generator, sample
+from ..tokenizer import ChatTokenizer, IncrementalDetokenizer, StopStringMatcher
+from .cache import SinkWindowCache
+from .model_runner import ModelRunner
+from .request import Request
+from .scheduler import Scheduler
+from .session import Session, chain_digest
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, model: CausalLM, tokenizer: ChatTokenizer | None):
+        self.config, self.model, self.tokenizer = config, model, tokenizer
+        a = model.args
+        num_pages = config.num_pages or self._pages_for_memory(config, a)
+        self.cache = SinkWindowCache(config.sink_tokens, config.window_tokens, config.page_size, num_pages,
+                                     (a.num_layers, a.num_kv_heads, a.head_dim),
+                                     model.lm_head.weight.device, model.lm_head.weight.dtype)
+        self.scheduler = Scheduler(self.cache, config.max_batch_tokens, config.max_running)
+        if not self.scheduler.can_ever_fit():
+            raise CapacityError(f"num_pages={num_pages} cannot hold one session: it needs "
+                                f"{self.scheduler.reserve} pages of {config.page_size} tokens")
+        self.runner = ModelRunner(model, self.cache, config.max_batch_tokens)
+        self.sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
+        self.vocab_size = a.vocab_size
+        self.tokens_generated = 0
+        self.rebuilds = 0
+
+    @staticmethod
+    def _pages_for_memory(config: EngineConfig, a) -> int:
+        per_page = 2 * a.num_layers * a.num_kv_heads * a.head_dim * config.page_size \
+            * torch.finfo(config.torch_dtype).bits // 8
+        return max(1, int(config.kv_cache_memory_gb * 2**30 // per_page))
+
+    # ---- submission -------------------------------------------------------
+    def submit(self, req: Request, messages: list[dict] | None = None) -> None:
+        """Validate and queue. Raises typed errors; on error nothing changes."""
+        session = self.sessions.get(req.session_id)
+        if session is not None and session.running:
+            raise SessionBusyError(f"session {req.session_id!r} already has a request running")
+        session = session or Session(req.session_id, self.config.sink_tokens, self.config.window_tokens)
+        if messages is not None:
+            req.new_ids, req.new_messages = self._render_turn(session, messages)
+        self._check_ids(req.new_ids, allow_empty=req.kind == "rebuild")
+        if req.kind == "generate":
+            p = req.sampling
+            req.generator = make_generator(p, self.runner.device)
+            req.detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer else None
+            req.stopper = StopStringMatcher(p.stop)
+        self.sessions[req.session_id] = session
+        self.sessions.move_to_end(req.session_id)
+        session.running = True
+        self.scheduler.waiting.append(req)
+
+    def _render_turn(self, session: Session, messages: list[dict]) -> tuple[list[int], list[dict]]:
+        if self.tokenizer is None:
+            raise InvalidRequestError("this engine has no tokenizer: pass prompt_token_ids")
+        n = session.messages_consumed
+        if len(messages) <= n or chain_digest("", messages[:n]) != session.messages_digest:
+            raise HistoryMismatchError(
+                f"session {session.id!r} has consumed {n} messages; the request's {len(messages)} "
+                "messages do not extend them (send the full history, unchanged, plus new messages)")
+        new = messages[n:]
+        ids = self.tokenizer.render_messages(new, first_turn=session.tokens_seen == 0)
+        if session.open_turn:
+            ids = [self.tokenizer.end_of_turn_id] + ids
+        return ids, new
+
+    def _check_ids(self, ids: list[int], allow_empty: bool = False) -> None:
+        if not ids and not allow_empty:
+            raise InvalidRequestError("prompt must contain at least one token")
+        bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError(f"token id {bad!r} is outside the vocabulary [0, {self.vocab_size})")
+
+    def abort(self, request_id: str) -> None:
+        for req in list(self.scheduler.waiting) + self.scheduler.running:
+            if req.id == request_id:
+                req.aborted = True
+
+    # ---- sessions ---------------------------------------------------------
+    def snapshot(self, session_id: str) -> SessionSnapshot:
+        return self._session(session_id).snapshot()
+
+    def restore(self, req: Request, snap: SessionSnapshot) -> None:
+        if snap.session_id != req.session_id:
+            raise InvalidRequestError(f"snapshot is of session {snap.session_id!r}, not {req.session_id!r}")
+        self._check_ids(snap.sink_ids + snap.tail_ids, allow_empty=True)
+        if len(snap.sink_ids) > self.config.sink_tokens or len(snap.tail_ids) > self.config.window_tokens:
+            raise InvalidRequestError("snapshot holds more ids than this engine's S and W")
+        self.drop(req.session_id)
+        self.sessions[req.session_id] = Session.from_snapshot(snap, self.config.sink_tokens,
+                                                              self.config.window_tokens)
+        self.submit(req)
+
+    def drop(self, session_id: str) -> bool:
+        session = self.sessions.get(session_id)
+        if session is None:
+            return False
+        if session.running:
+            raise SessionBusyError(f"session {session_id!r} has a request running")
+        self.cache.release(session.table)
+        del self.sessions[session_id]
+        return True
+
+    def _session(self, session_id: str) -> Session:
+        if session_id not in self.sessions:
+            raise UnknownSessionError(f"unknown session {session_id!r}")
+        return self.sessions[session_id]
+
+    # ---- stepping ---------------------------------------------------------
+    def has_work(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
+    def step(self) -> None:
+        self._reap_aborted()
+        for req in self.scheduler.admit(self.sessions):
+            self._start(req)
+        batch = self.scheduler.select()
+        if not batch:
+            return
+        chunks, plans, rows = [], [], []
+        for req, n in batch:
+            table = self.sessions[req.session_id].table
+            chunks.append(req.feed[req.fed:req.fed + n])
+            plans.append(self.cache.append(table, n))
+            rows.append(self._logit_rows(req, n))
+        logits = self.runner.run(chunks, plans, rows)
+        for (req, n), lg in zip(batch, logits):
+            self._advance(req, n, lg)
+
+    def _start(self, req: Request) -> None:
+        session = self.sessions[req.session_id]
+        replay = session.replay_prefix()
+        if session.needs_rebuild:
+            self.cache.release(session.table)
+            self.rebuilds += 1
+        if req.kind == "rebuild":  # the newest retained id stays pending, as before the loss
+            replay = replay[:-1]
+        feed_new = req.new_ids[:-1] if req.kind == "score" else req.new_ids
+        req.feed, req.n_replay, req.phase = replay + feed_new, len(replay), "prefill"
+        if req.kind == "score" and not replay and req.new_ids:
+            req.logprobs.append(None)  # first token of a fresh session has no context
+        if req.remaining == 0:
+            self._finish_prefill(req, None)
+
+    def _logit_rows(self, req: Request, n: int) -> list[int]:
+        if req.kind == "generate":
+            return [n - 1] if req.fed + n == len(req.feed) else []
+        if req.kind == "score":
+            first = max(req.n_replay - 1, 0)  # row predicting the first scored token
+            return [r for r in range(n) if req.fed + r >= first]
+        return []
+
+    def _advance(self, req: Request, n: int, logits: torch.Tensor) -> None:
+        session = self.sessions[req.session_id]
+        for i in range(req.fed, req.fed + n):
+            if i >= req.n_replay:
+                session.see(req.feed[i])
+        req.fed += n
+        self.cache.evict(session.table)
+        session.pending, session.needs_rebuild = None, False
+        if req.kind == "score":
+            req.logprobs += self._scored_logprobs(req, logits, n)
+        if req.remaining == 0:
+            self._finish_prefill(req, logits[-1:] if req.kind == "generate" else None)
+
+    def _scored_logprobs(self, req: Request, logits: torch.Tensor, n: int) -> list[float]:
+        start = max(req.n_replay - 1, 0)
+        rows = [req.fed - n + r for r in range(n) if req.fed - n + r >= start]
+        targets = [(req.feed + req.new_ids[-1:])[r + 1] for r in rows]
+        lp = torch.log_softmax(logits, dim=-1)
+        return lp[torch.arange(len(rows)), torch.tensor(targets, dtype=torch.long)].tolist()
+
+    def _finish_prefill(self, req: Request, logits: torch.Tensor | None) -> None:
+        session = self.sessions[req.session_id]
+        if req.kind == "generate":
+            self._sample(req, session, logits)
+            return
+        if req.kind == "score" and req.new_ids:
+            session.see(req.new_ids[-1])
+            session.pending = req.new_ids[-1]
+        if req.kind == "rebuild":
+            retained = session.retained()
+            session.pending = retained[-1] if retained else None
+            session.needs_rebuild = False
+        self._complete(req, finish_reason="stop")
+
+    def _sample(self, req: Request, session: Session, logits: torch.Tensor) -> None:
+        p = req.sampling
+        ids, lps = sample(logits, [p], [req.generator])
+        tok, lp = ids[0], lps[0]
+        session.see(tok)
+        session.pending = tok
+        req.output_ids.append(tok)
+        self.tokens_generated += 1
+        is_eos = not p.ignore_eos and self.tokenizer is not None and tok in self.tokenizer.eos_token_ids
+        delta = req.detok.push(tok) if req.detok and not is_eos else ""
+        delta, hit_stop = req.stopper.feed(delta)
+        req.text += delta
+        if is_eos or tok in p.stop_token_ids or hit_stop:
+            reason = "stop"
+        elif len(req.output_ids) >= p.max_tokens:
+            reason = "length"
+        else:
+            req.emit(req.event(token_id=tok, text=delta, logprob=lp))
+            req.phase, req.feed, req.fed, req.n_replay = "decode", [tok], 0, 1
+            return
+        tail = "" if hit_stop else req.stopper.flush()
+        req.text += tail
+        session.open_turn = not is_eos
+        self._complete(req, finish_reason=reason, token_id=tok, text=delta + tail, logprob=lp)
+
+    def _complete(self, req: Request, finish_reason: str, **kw) -> None:
+        session = self.sessions[req.session_id]
+        if req.kind == "generate" and finish_reason != "cancelled":
+            session.turns += 1
+            if req.new_messages is not None:
+                consumed = req.new_messages + [{"role": "assistant", "content": req.text}]
+                session.messages_digest = chain_digest(session.messages_digest, consumed)
+                session.messages_consumed += len(consumed)
+        if finish_reason == "cancelled" and req.fed < req.n_replay:
+            self.cache.release(session.table)  # replay cut short: rebuild from retained ids next time
+            session.needs_rebuild = True
+        session.running = False
+        session.last_used = time.monotonic()
+        req.phase = "done"
+        if req in self.scheduler.running:
+            self.scheduler.running.remove(req)
+        usage = Usage(prompt_tokens=len(req.new_ids), completion_tokens=len(req.output_ids))
+        req.emit(req.event(finish_reason=finish_reason, usage=usage, logprobs=req.logprobs, **kw))
+
+    def _reap_aborted(self) -> None:
+        for req in [r for r in self.scheduler.waiting if r.aborted]:
+            self.scheduler.waiting.remove(req)
+            self._complete(req, finish_reason="cancelled")
+        for req in [r for r in self.scheduler.running if r.aborted]:
+            self._complete(req, finish_reason="cancelled")

@@ -1,0 +1,45 @@
+"""A request's progress through the engine: generate, score, or rebuild (re-prefill)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+
+from ..outputs import GenerationEvent
+from ..sampling import SamplingParams
+from ..tokenizer import IncrementalDetokenizer, StopStringMatcher
+
+Kind = Literal["generate", "score", "rebuild"]
+
+
+@dataclass
+class Request:
+    id: str
+    session_id: str
+    kind: Kind
+    new_ids: list[int]                       # ids this request adds to the session
+    emit: Callable[[GenerationEvent], None]
+    sampling: SamplingParams | None = None
+    new_messages: list[dict] | None = None   # consumed when the turn completes
+    # progress
+    feed: list[int] = field(default_factory=list)  # ids to compute: replay prefix + new ids
+    n_replay: int = 0                        # leading ids of feed the session has already seen
+    fed: int = 0
+    phase: Literal["waiting", "prefill", "decode", "done"] = "waiting"
+    aborted: bool = False
+    # generate
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    detok: IncrementalDetokenizer | None = None
+    stopper: StopStringMatcher | None = None
+    generator: torch.Generator | None = None
+    # score
+    logprobs: list[float | None] = field(default_factory=list)
+
+    @property
+    def remaining(self) -> int:
+        return len(self.feed) - self.fed
+
+    def event(self, **kw) -> GenerationEvent:
+        return GenerationEvent(request_id=self.id, session_id=self.session_id, **kw)

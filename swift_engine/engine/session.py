@@ -1,0 +1,75 @@
+"""One conversation's state on this engine: retained token ids, counters, page table."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import deque
+
+from ..outputs import SessionSnapshot
+from .cache import PageTable
+
+
+def chain_digest(digest: str, messages: list[dict]) -> str:
+    """Rolling digest of consumed messages: digest(m1..mn) = H(digest(m1..mn-1) + m_n)."""
+    for m in messages:
+        canon = json.dumps({"role": m["role"], "content": m["content"]}, sort_keys=True, ensure_ascii=False)
+        digest = hashlib.sha256((digest + canon).encode()).hexdigest()
+    return digest
+
+
+class Session:
+    """Token ids retained for rebuilding: the first S (sinks) and the last W after them.
+
+    `pending` is the newest token: seen, but its key/value not yet computed
+    (it is fed as the first input of the next step that touches the session).
+    """
+
+    def __init__(self, session_id: str, sink_tokens: int, window_tokens: int):
+        self.id = session_id
+        self.S = sink_tokens
+        self.sink_ids: list[int] = []
+        self.tail_ids: deque[int] = deque(maxlen=window_tokens)
+        self.pending: int | None = None
+        self.tokens_seen = 0
+        self.turns = 0
+        self.messages_consumed = 0
+        self.messages_digest = ""
+        self.open_turn = False
+        self.table = PageTable()
+        self.needs_rebuild = False  # pages were released: replay retained ids first
+        self.running = False
+        self.last_used = time.monotonic()
+
+    def see(self, token_id: int) -> None:
+        if len(self.sink_ids) < self.S:
+            self.sink_ids.append(token_id)
+        else:
+            self.tail_ids.append(token_id)
+        self.tokens_seen += 1
+
+    def retained(self) -> list[int]:
+        return self.sink_ids + list(self.tail_ids)
+
+    def replay_prefix(self) -> list[int]:
+        """Already-seen ids the next step must feed before new tokens."""
+        if self.needs_rebuild:
+            return self.retained()
+        return [] if self.pending is None else [self.pending]
+
+    def snapshot(self) -> SessionSnapshot:
+        return SessionSnapshot(
+            session_id=self.id, sink_ids=list(self.sink_ids), tail_ids=list(self.tail_ids),
+            tokens_seen=self.tokens_seen, turns=self.turns, messages_consumed=self.messages_consumed,
+            messages_digest=self.messages_digest, open_turn=self.open_turn)
+
+    @classmethod
+    def from_snapshot(cls, snap: SessionSnapshot, sink_tokens: int, window_tokens: int) -> "Session":
+        s = cls(snap.session_id, sink_tokens, window_tokens)
+        s.sink_ids = list(snap.sink_ids)
+        s.tail_ids.extend(snap.tail_ids)
+        s.tokens_seen, s.turns = snap.tokens_seen, snap.turns
+        s.messages_consumed, s.messages_digest = snap.messages_consumed, snap.messages_digest
+        s.open_turn = snap.open_turn
+        s.needs_rebuild = bool(s.sink_ids)
+        return s

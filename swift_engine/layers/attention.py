@@ -1,0 +1,94 @@
+"""Sink+window attention over the paged cache, PyTorch path (CPU reference speed, any device).
+
+Per sequence and step, a chunk of C new tokens attends to the sinks and to
+the window (old window tokens followed by the chunk's own window tokens).
+Query j sees the sinks and exactly the W most recent tokens up to itself.
+
+Positions (DESIGN.md "position shift"): sinks sit at 0..S-1 and the query at
+S + (window tokens it sees) - 1. Window scores depend only on the distance
+between query and key, so window keys and queries are rotated at their index
+in the old+new window sequence (bounded by W + C), while for sink scores the
+query is rotated a second time at its cache position. Both score sets share
+one softmax, which is exactly attention over the cache as the reference
+builds it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..engine.cache import AppendPlan, SinkWindowCache
+from .rotary import RotaryTable
+
+
+@dataclass
+class SeqAttention:
+    start: int
+    end: int
+    sink_slots: torch.Tensor
+    window_slots: torch.Tensor
+    sink_slot_pos: torch.Tensor
+    window_slot_pos: torch.Tensor
+    q_sink_pos: torch.Tensor
+    q_window_pos: torch.Tensor
+    sink_mask: torch.Tensor    # [C, n_sinks] True where visible
+    window_mask: torch.Tensor  # [C, n_window]
+
+
+def plan_sequence(plan: AppendPlan, start: int, window_tokens: int, device) -> SeqAttention:
+    """Positions and masks of one sequence's chunk (shared by all layers)."""
+    n = len(plan.write_slots)
+    ns, nw = len(plan.sink_slots), len(plan.window_slots)
+    i = torch.arange(n)
+    is_sink = i < plan.new_sinks
+    sink_index = ns - plan.new_sinks + i                 # for chunk tokens that are sinks
+    u = plan.old_window + (i - plan.new_sinks)            # window index for the others
+    seen = torch.clamp(u + 1, max=window_tokens)
+    q_sink_pos = torch.where(is_sink, sink_index, ns + seen - 1)
+    q_window_pos = torch.where(is_sink, 0, u)
+    keys_s = torch.arange(ns)
+    keys_w = torch.arange(nw)
+    sink_mask = torch.where(is_sink[:, None], keys_s[None, :] <= sink_index[:, None], True)
+    window_mask = (~is_sink[:, None]) & (keys_w[None, :] <= u[:, None]) \
+        & (keys_w[None, :] > u[:, None] - window_tokens)
+    to = dict(device=device)
+    return SeqAttention(
+        start, start + n,
+        torch.tensor(plan.sink_slots, dtype=torch.long, **to),
+        torch.tensor(plan.window_slots, dtype=torch.long, **to),
+        keys_s.to(**to), keys_w.to(**to), q_sink_pos.to(**to), q_window_pos.to(**to),
+        sink_mask.to(**to), window_mask.to(**to))
+
+
+class TorchSinkWindowAttention:
+    """Callable the model uses as its attention for one step."""
+
+    def __init__(self, cache: SinkWindowCache, rope: RotaryTable, seqs: list[SeqAttention],
+                 write_slots: torch.Tensor):
+        self.cache, self.rope, self.seqs, self.write_slots = cache, rope, seqs, write_slots
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        kc.index_copy_(0, self.write_slots, k)
+        vc.index_copy_(0, self.write_slots, v)
+        out = torch.empty_like(q)
+        for s in self.seqs:
+            out[s.start:s.end] = self._one(q[s.start:s.end], kc, vc, s)
+        return out
+
+    def _one(self, q, kc, vc, s: SeqAttention) -> torch.Tensor:
+        c, hq, d = q.shape
+        hkv = kc.shape[1]
+        rot = self.rope.rotate
+        qs = rot(q, s.q_sink_pos).view(c, hkv, hq // hkv, d)
+        qw = rot(q, s.q_window_pos).view(c, hkv, hq // hkv, d)
+        ks = rot(kc[s.sink_slots], s.sink_slot_pos)
+        kw = rot(kc[s.window_slots], s.window_slot_pos)
+        scores = torch.cat([torch.einsum("chgd,khd->hgck", qs, ks),
+                            torch.einsum("chgd,khd->hgck", qw, kw)], dim=-1).float()
+        mask = torch.cat([s.sink_mask, s.window_mask], dim=-1)
+        scores = scores.masked_fill(~mask, float("-inf")) * d ** -0.5
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        values = torch.cat([vc[s.sink_slots], vc[s.window_slots]], dim=0)
+        return torch.einsum("hgck,khd->chgd", probs, values).reshape(c, hq, d)
