@@ -26,6 +26,7 @@ class EngineConfig(BaseModel):
     kv_cache_memory_gb: float = Field(0.25, gt=0, description="pool size when num_pages is None")
     max_batch_tokens: int = Field(512, ge=1, description="per-step token budget (decode + prefill chunks)")
     max_running: int = Field(64, ge=1, description="sessions decoding in one step at most")
+    max_prompt_tokens: int = Field(32768, ge=1, description="new tokens one turn may add")
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
     seed: int = 0

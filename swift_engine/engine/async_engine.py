@@ -8,12 +8,11 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import torch
 from pydantic import ValidationError
 
 from ..config import EngineConfig
 from ..errors import CapacityError, InvalidRequestError
-from ..models.loader import load_model, random_model, read_config, resolve_model_dir
+from ..models.loader import load_model, random_model, resolve_model_dir
 from ..outputs import GenerationEvent, SessionSnapshot
 from ..sampling import SamplingParams
 from ..tokenizer import ChatTokenizer
@@ -26,6 +25,7 @@ class EngineStats:
     pages_total: int
     pages_free: int
     pages_used: int
+    pages_evictable: int  # held by idle sessions: LRU eviction can free them
     sessions_resident: int
     sessions_known: int
     sessions_running: int
@@ -161,6 +161,7 @@ class StreamingEngine:
             return EngineStats(
                 pages_total=c.cache.num_pages, pages_free=len(c.cache.free),
                 pages_used=c.cache.num_pages - len(c.cache.free),
+                pages_evictable=sum(s.table.pages for s in sessions if not s.running),
                 sessions_resident=sum(1 for s in sessions if s.table.pages),
                 sessions_known=len(c.sessions), sessions_running=sum(1 for s in sessions if s.running),
                 queue_depth=len(sched.waiting), evictions=sched.evictions, rebuilds=c.rebuilds,

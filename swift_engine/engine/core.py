@@ -56,6 +56,9 @@ class EngineCore:
         if messages is not None:
             req.new_ids, req.new_messages = self._render_turn(session, messages)
         self._check_ids(req.new_ids, allow_empty=req.kind == "rebuild")
+        if len(req.new_ids) > self.config.max_prompt_tokens:
+            raise InvalidRequestError(f"turn has {len(req.new_ids)} prompt tokens; the limit "
+                                      f"(max_prompt_tokens) is {self.config.max_prompt_tokens}")
         if req.kind == "generate":
             p = req.sampling
             req.generator = make_generator(p, self.runner.device)

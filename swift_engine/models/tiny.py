@@ -11,7 +11,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 TINY_CONFIG = {

@@ -1,0 +1,1 @@
+"""Ray Serve application: OpenAI-compatible ingress, LLMServer replicas, app builder."""

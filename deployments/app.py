@@ -1,0 +1,39 @@
+"""Build the Serve application: `serve run configs/local.yaml` imports `deployments.app:build_app`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from routing.router import SessionAffinityRouter
+
+from .config import AppArgs
+from .openai_api import OpenAIIngress
+from .server import LLMServer
+
+# Defaults; a Serve config's `deployments:` section overrides any of them.
+LLMServerDeployment = serve.deployment(
+    LLMServer, name="LLMServer", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.5},
+    health_check_period_s=5, graceful_shutdown_timeout_s=30,
+    request_router_config=RequestRouterConfig(request_router_class=SessionAffinityRouter,
+                                              request_routing_stats_period_s=1.0))
+
+
+def build_app(args: dict, overrides: dict[str, dict] | None = None) -> serve.Application:
+    """`overrides`: per-deployment options (what a Serve config's `deployments:` list sets)."""
+    dumped = AppArgs.model_validate(args).model_dump()
+    overrides = overrides or {}
+    server = LLMServerDeployment.options(**overrides.get("LLMServer", {}))
+    ingress = OpenAIIngress.options(**overrides.get("OpenAIIngress", {}))
+    return ingress.bind(server.bind(dumped), dumped)
+
+
+def app_from_config(path: str | Path, args_update: dict | None = None) -> tuple[serve.Application, dict]:
+    """The first application of a Serve config file, built in-process (for `swiftserve serve` and tests)."""
+    config = yaml.safe_load(Path(path).read_text())
+    spec = config["applications"][0]
+    overrides = {d.pop("name"): d for d in spec.get("deployments", [])}
+    args = {**spec.get("args", {}), **(args_update or {})}
+    return build_app(args, overrides), config.get("http_options", {})

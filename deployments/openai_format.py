@@ -1,0 +1,80 @@
+"""OpenAI response objects and the SSE stream built from ChatChunks."""
+import json
+import time
+from collections.abc import AsyncIterator
+
+from .protocol import ChatChunk
+
+
+def error_body(status: int, message: str, type_: str, code: str | None = None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code or str(status)}}
+
+
+class Shaper:
+    """Turns ChatChunks into OpenAI response objects."""
+
+    def __init__(self, kind: str, rid: str, model: str, logprobs: bool):
+        self.kind, self.rid, self.model, self.logprobs = kind, rid, model, logprobs
+        self.created = int(time.time())
+
+    def _obj(self, choices: list, object_: str, usage: dict | None = None) -> dict:
+        out = {"id": self.rid, "object": object_, "created": self.created, "model": self.model, "choices": choices}
+        if usage is not None:
+            out["usage"] = usage
+        return out
+
+    def _lp(self, chunks: list[ChatChunk]) -> dict | None:
+        if not self.logprobs:
+            return None
+        return {"content": [{"token": c.text, "logprob": c.logprob, "bytes": list(c.text.encode()),
+                             "top_logprobs": []} for c in chunks if c.token_id is not None]}
+
+    def piece(self, c: ChatChunk, first: bool) -> dict:
+        if self.kind == "chat.completion":
+            delta = ({"role": "assistant", "content": c.text} if first else {"content": c.text})
+            choice = {"index": 0, "delta": delta, "finish_reason": c.finish_reason, "logprobs": self._lp([c])}
+            return self._obj([choice], "chat.completion.chunk")
+        return self._obj([{"index": 0, "text": c.text, "finish_reason": c.finish_reason,
+                           "logprobs": self._lp([c])}], "text_completion")
+
+    def whole(self, chunks: list[ChatChunk]) -> dict:
+        text, last = "".join(c.text for c in chunks), chunks[-1]
+        if self.kind == "chat.completion":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "finish_reason": last.finish_reason, "logprobs": self._lp(chunks)}
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": last.finish_reason, "logprobs": self._lp(chunks)}
+        return self._obj([choice], self.kind, usage(last))
+
+
+def usage(c: ChatChunk) -> dict:
+    return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+            "total_tokens": c.prompt_tokens + c.completion_tokens}
+
+
+async def sse_stream(shape: Shaper, first: ChatChunk, rest: AsyncIterator[ChatChunk], include_usage: bool):
+    def data(obj: dict) -> str:
+        return f"data: {json.dumps(obj)}\n\n"
+
+    chunk, is_first = first, True
+    while True:
+        if chunk.error is not None:  # after tokens were streamed: an error event, and the turn is not committed
+            yield data(error_body(chunk.error.status, chunk.error.message, chunk.error.type, chunk.error.type))
+            return
+        yield data(shape.piece(chunk, is_first))
+        is_first = False
+        if chunk.finish_reason is not None:
+            break
+        try:
+            chunk = await rest.__anext__()
+        except StopAsyncIteration:
+            break
+        except Exception as exc:  # the replica died mid-turn
+            yield data(error_body(503, f"the replica serving this turn failed: {type(exc).__name__}",
+                                  "service_unavailable"))
+            return
+    if include_usage:
+        obj = shape._obj([], "chat.completion.chunk" if shape.kind == "chat.completion" else "text_completion",
+                         usage(chunk))
+        yield data(obj)
+    yield "data: [DONE]\n\n"

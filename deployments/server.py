@@ -1,0 +1,212 @@
+"""LLMServer: one Ray Serve replica wrapping one StreamingEngine, with store-backed sessions.
+
+Per turn: make sure this replica owns the session (claim + re-prefill from the
+store when it does not hold a current copy), stream the turn, commit the
+session record, and only then send the final chunk (commit before acknowledge).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from ray import serve
+
+from routing.affinity import pack_sessions
+from routing.store import SessionRecord, StaleEpochError, StoreError, StoreUnavailableError, retry_commit
+from swift_engine import EngineError, SessionSnapshot, StreamingEngine
+from swift_engine.errors import (CapacityError, HistoryMismatchError, InvalidRequestError, SessionBusyError,
+                                 UnknownSessionError)
+
+from .config import AppArgs
+from .metrics import server_metrics
+from .protocol import ChatChunk, ChatRequest, ErrorInfo, SessionInfo
+from .store_factory import make_store
+
+_STATUS = [(InvalidRequestError, 400, "invalid_request_error"), (HistoryMismatchError, 409, "history_mismatch"),
+           (SessionBusyError, 409, "session_busy"), (UnknownSessionError, 404, "not_found"),
+           (CapacityError, 503, "capacity"), (StoreUnavailableError, 503, "store_unavailable"),
+           (StaleEpochError, 409, "session_moved")]
+
+
+def error_info(exc: Exception) -> ErrorInfo:
+    for cls, status, kind in _STATUS:
+        if isinstance(exc, cls):
+            return ErrorInfo(status=status, type=kind, message=str(exc))
+    return ErrorInfo(status=500, type="internal_error", message=f"{type(exc).__name__}: {exc}")
+
+
+class LLMServer:
+    def __init__(self, args: dict | AppArgs):
+        self.args = AppArgs.model_validate(args)
+        self.engine = StreamingEngine(self.args.engine, progress=False)
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.store = make_store(self.args)
+        self.epochs: dict[str, int] = {}      # sessions this replica owns -> epoch
+        self.created: dict[str, float] = {}
+        self.metrics = server_metrics()
+
+    # ---- the turn ---------------------------------------------------------
+    async def chat(self, request: ChatRequest | dict) -> AsyncIterator[ChatChunk]:
+        req = ChatRequest.model_validate(request)
+        sid = req.session_id or _context_session_id()
+        persisted = sid is not None
+        sid = sid or f"oneoff-{uuid.uuid4().hex}"
+        if req.sampling.max_tokens > self.args.max_completion_tokens:
+            yield self._error(sid, InvalidRequestError(
+                f"max_tokens {req.sampling.max_tokens} exceeds the limit {self.args.max_completion_tokens}"))
+            return
+        try:
+            reprefill = await self._ensure_owned(sid) if persisted else None
+        except (StoreError, EngineError) as exc:
+            yield self._error(sid, exc)
+            return
+        done = False
+        try:
+            async for chunk in self._turn(sid, req, persisted, reprefill):
+                done = chunk.finish_reason is not None or chunk.error is not None
+                yield chunk
+        finally:
+            if not done and persisted:  # client went away: the turn is not committed
+                asyncio.get_running_loop().create_task(self._abandon(sid))
+            if not persisted:
+                asyncio.get_running_loop().create_task(self._drop_when_idle(sid))
+
+    async def _turn(self, sid: str, req: ChatRequest, persisted: bool,
+                    reprefill: float | None) -> AsyncIterator[ChatChunk]:
+        kw = ({"messages": [m.model_dump() for m in req.messages]} if req.messages is not None
+              else {"prompt_token_ids": self._encode(req.prompt)})
+        start = last = time.perf_counter()
+        try:
+            async for ev in self.engine.generate(sid, sampling=req.sampling, **kw):
+                now = time.perf_counter()
+                self.metrics["ttft" if last == start else "itl"].observe(1000 * (now - last))
+                last = now
+                chunk = ChatChunk(replica_id=self.replica_id, session_id=sid, text=ev.text, token_id=ev.token_id,
+                                  logprob=ev.logprob, reprefill_s=reprefill)
+                reprefill = None
+                if ev.finish_reason is None:
+                    yield chunk
+                    continue
+                self.metrics["tokens"].inc(ev.usage.completion_tokens)
+                error = await self._commit(sid) if persisted else None
+                if error is not None:
+                    yield self._error(sid, error)
+                    return
+                yield chunk.model_copy(update=dict(finish_reason=ev.finish_reason,
+                                                   prompt_tokens=ev.usage.prompt_tokens,
+                                                   completion_tokens=ev.usage.completion_tokens))
+        except EngineError as exc:
+            yield self._error(sid, exc)
+
+    def _encode(self, prompt: str | None) -> list[int]:
+        if prompt is None:
+            raise InvalidRequestError("a request needs messages or a prompt")
+        return self.engine.tokenizer.encode(prompt)
+
+    def _error(self, sid: str, exc: Exception) -> ChatChunk:
+        return ChatChunk(replica_id=self.replica_id, session_id=sid, error=error_info(exc))
+
+    # ---- ownership --------------------------------------------------------
+    async def _ensure_owned(self, sid: str) -> float | None:
+        """Own a current copy of the session; returns re-prefill seconds if the cache was rebuilt."""
+        record, current = None, False
+        if sid in self.epochs:
+            try:
+                record = await self.store.get(sid)
+            except StoreUnavailableError:
+                if self.engine.has_session(sid):
+                    return None  # keep serving resident sessions while the store is down
+                raise
+            current = record is not None and record.epoch == self.epochs[sid] and record.owner == self.replica_id
+        if not current:
+            await self._forget(sid)
+            claim = await self.store.claim(sid, self.replica_id)
+            self.epochs[sid], self.created[sid] = claim.epoch, claim.record.created_at
+            record = claim.previous
+            if record is not None and record.owner != self.replica_id:
+                self.metrics["claims"].inc()
+        if self.engine.has_session(sid) or record is None or record.tokens_seen == 0:
+            return None
+        snap = SessionSnapshot(**record.model_dump(include=set(SessionSnapshot.model_fields) - {"session_id"}),
+                               session_id=sid)
+        seconds = await self.engine.restore(sid, snap)
+        self.metrics["reprefills"].inc()
+        self.metrics["reprefill_ms"].observe(1000 * seconds)
+        return seconds
+
+    async def _commit(self, sid: str) -> Exception | None:
+        snap = self.engine.snapshot(sid)
+        now = time.time()
+        record = SessionRecord(**snap.model_dump(), owner=self.replica_id, epoch=self.epochs[sid],
+                               created_at=self.created.get(sid, now), updated_at=now)
+        start = time.perf_counter()
+        attempts = max(1, int(self.args.commit_timeout_s / 0.5) + 3)
+        try:
+            try:
+                await retry_commit(self.store, record, attempts=attempts, base_delay_s=0.05, max_delay_s=0.5)
+            except StaleEpochError as exc:
+                if exc.stored_epoch is not None:
+                    raise
+                # the record vanished (store restarted without persistence): ours is the best copy left
+                claim = await self.store.claim(sid, self.replica_id)
+                self.epochs[sid] = claim.epoch
+                await retry_commit(self.store, record.model_copy(update={"epoch": claim.epoch}))
+        except StoreError as exc:
+            self.metrics["commit_failures"].inc(tags={"reason": type(exc).__name__})
+            await self._forget(sid)  # not committed: drop our copy; the next turn rebuilds from the store
+            return exc
+        self.metrics["commit_ms"].observe(1000 * (time.perf_counter() - start))
+        return None
+
+    async def _forget(self, sid: str) -> None:
+        self.epochs.pop(sid, None)
+        self.created.pop(sid, None)
+        await self._drop_when_idle(sid)
+
+    async def _abandon(self, sid: str) -> None:
+        await self._drop_when_idle(sid)  # keep the epoch: we still own it; the cache is rebuilt from the store
+
+    async def _drop_when_idle(self, sid: str) -> None:
+        for _ in range(500):  # the engine ends an aborted request at its next step
+            try:
+                self.engine.drop(sid)
+                return
+            except SessionBusyError:
+                await asyncio.sleep(0.01)
+
+    # ---- sessions, health, stats -----------------------------------------
+    async def get_session(self, session_id: str) -> SessionInfo | None:
+        record = await self.store.get(session_id)
+        if record is None:
+            return None
+        return SessionInfo(**record.model_dump(include=set(SessionInfo.model_fields)))
+
+    async def delete_session(self, session_id: str) -> bool:
+        await self._forget(session_id)
+        return await self.store.delete(session_id)
+
+    def check_health(self) -> None:
+        if not self.engine._thread.is_alive():
+            raise RuntimeError("engine loop is not running")
+
+    def record_routing_stats(self) -> dict:
+        st = self.engine.stats()
+        self.metrics["resident"].set(st.sessions_resident)
+        self.metrics["pages_used"].set(st.pages_used)
+        self.metrics["evictions"].set(st.evictions)
+        self.metrics["tokens_per_s"].set(st.tokens_per_s)
+        return {"replica_id": self.replica_id, "free_pages": st.pages_free + st.pages_evictable,
+                "total_pages": st.pages_total, "running": st.sessions_running,
+                "max_running": self.args.engine.max_running, "resident": st.sessions_resident,
+                "sessions": pack_sessions(self.engine.resident_sessions()),
+                "min_free_pages": self.engine.core.scheduler.reserve}
+
+    def __del__(self):
+        self.engine.shutdown()
+
+
+def _context_session_id() -> str | None:
+    """Session id given with `handle.options(session_id=...)` when the request body has none."""
+    return getattr(serve.context._get_serve_request_context(), "session_id", None) or None

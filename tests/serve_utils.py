@@ -1,0 +1,31 @@
+"""Start the real Serve app (local config) on a free port for integration tests."""
+from __future__ import annotations
+
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+
+from ray import serve
+
+from deployments.app import app_from_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_app(config_path: Path = ROOT / "configs" / "local.yaml", args_update: dict | None = None):
+    """serve.run the config's app (args updated) on a free port; yields the base URL."""
+    app, _ = app_from_config(config_path, args_update)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(app, name="swiftserve", route_prefix="/")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
