@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from dataclasses import asdict
 from collections.abc import AsyncIterator
 
 from ray import serve
@@ -186,6 +187,9 @@ class LLMServer:
     async def delete_session(self, session_id: str) -> bool:
         await self._forget(session_id)
         return await self.store.delete(session_id)
+
+    def engine_stats(self) -> dict:
+        return {"replica_id": self.replica_id, **asdict(self.engine.stats())}
 
     def check_health(self) -> None:
         if not self.engine._thread.is_alive():
