@@ -21,10 +21,14 @@ LLMServerDeployment = serve.deployment(
                                               request_routing_stats_period_s=1.0))
 
 
-def build_app(args: dict, overrides: dict[str, dict] | None = None) -> serve.Application:
-    """`overrides`: per-deployment options (what a Serve config's `deployments:` list sets)."""
+def build_app(args: dict) -> serve.Application:
+    """The Serve application builder (`import_path`); Serve applies the config's deployment options."""
+    return compose_app(args, {})
+
+
+def compose_app(args: dict, overrides: dict[str, dict]) -> serve.Application:
+    """`overrides`: per-deployment options, as a Serve config's `deployments:` list sets them."""
     dumped = AppArgs.model_validate(args).model_dump()
-    overrides = overrides or {}
     server = LLMServerDeployment.options(**overrides.get("LLMServer", {}))
     ingress = OpenAIIngress.options(**overrides.get("OpenAIIngress", {}))
     return ingress.bind(server.bind(dumped), dumped)
@@ -36,4 +40,4 @@ def app_from_config(path: str | Path, args_update: dict | None = None) -> tuple[
     spec = config["applications"][0]
     overrides = {d.pop("name"): d for d in spec.get("deployments", [])}
     args = {**spec.get("args", {}), **(args_update or {})}
-    return build_app(args, overrides), config.get("http_options", {})
+    return compose_app(args, overrides), config.get("http_options", {})

@@ -1,0 +1,26 @@
+# swiftserve image for KubeRay (head and workers run the same image).
+#   docker build -t REGISTRY/swiftserve:0.1.0 .
+# CPU-only variant (k8s/overlays/cpu-dev):
+#   docker build --build-arg RAY_IMAGE=rayproject/ray:2.60.0-py311-cpu -t swiftserve:0.1.0-cpu .
+# The Ray version, Python version and ray[serve] pin in pyproject.toml must
+# match the base image (rayVersion in k8s/overlays/*/rayservice.yaml too).
+ARG RAY_IMAGE=rayproject/ray:2.60.0-py311-gpu
+FROM ${RAY_IMAGE}
+
+# The base image runs as user `ray` (home /home/ray, Python in
+# /home/ray/anaconda3); install there as that user.
+WORKDIR /home/ray/swiftserve
+COPY --chown=ray:users pyproject.toml ./
+COPY --chown=ray:users swift_engine ./swift_engine
+COPY --chown=ray:users routing ./routing
+COPY --chown=ray:users deployments ./deployments
+COPY --chown=ray:users configs ./configs
+
+# ray[serve]==2.60.0 is already in the base image and stays as it is; the
+# rest (torch, transformers, redis, ...) comes from PyPI. The packages land in
+# site-packages, so Serve's import paths (deployments.app:build_app,
+# routing.router:SessionAffinityRouter, ...) resolve from any working dir
+# (checked below with `python -I`, which leaves the source tree off sys.path).
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir ".[serve]" \
+ && python -I -c "import ray, deployments.app, routing.router, swift_engine; assert ray.__version__ == '2.60.0', ray.__version__"
