@@ -17,6 +17,7 @@ from .protocol import ChatChunk, ChatRequest, Message
 
 REPLICA_HEADER = "x-swiftserve-replica"
 SESSION_HEADER = "x-session-id"
+REPREFILL_HEADER = "x-swiftserve-reprefill-ms"  # set when this turn rebuilt the cache
 
 app = FastAPI(title="swiftserve", description="OpenAI-compatible streaming chat with StreamingLLM sessions")
 
@@ -97,6 +98,8 @@ class OpenAIIngress:
         if first.error is not None:
             raise APIError(first.error.status, first.error.message, first.error.type, first.error.type)
         headers = {REPLICA_HEADER: first.replica_id}
+        if first.reprefill_s is not None:
+            headers[REPREFILL_HEADER] = f"{1000 * first.reprefill_s:.1f}"
         if sid:
             headers[SESSION_HEADER] = sid
         rid = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"

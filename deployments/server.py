@@ -7,6 +7,7 @@ session record, and only then send the final chunk (commit before acknowledge).
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from dataclasses import asdict
@@ -17,6 +18,7 @@ from ray import serve
 from routing.affinity import pack_sessions
 from routing.store import SessionRecord, StaleEpochError, StoreError, StoreUnavailableError, retry_commit
 from swift_engine import EngineError, SessionSnapshot, StreamingEngine
+from swift_engine.engine.session import chain_digest
 from swift_engine.errors import (CapacityError, HistoryMismatchError, InvalidRequestError, SessionBusyError,
                                  UnknownSessionError)
 
@@ -25,6 +27,8 @@ from .metrics import server_metrics
 from .protocol import ChatChunk, ChatRequest, ErrorInfo, SessionInfo
 from .store_factory import make_store
 
+LAST_TURN = ("last_request_digest", "last_reply", "last_finish_reason", "last_prompt_tokens",
+             "last_completion_tokens")
 _STATUS = [(InvalidRequestError, 400, "invalid_request_error"), (HistoryMismatchError, 409, "history_mismatch"),
            (SessionBusyError, 409, "session_busy"), (UnknownSessionError, 404, "not_found"),
            (CapacityError, 503, "capacity"), (StoreUnavailableError, 503, "store_unavailable"),
@@ -46,6 +50,7 @@ class LLMServer:
         self.store = make_store(self.args)
         self.epochs: dict[str, int] = {}      # sessions this replica owns -> epoch
         self.created: dict[str, float] = {}
+        self.last_turn: dict[str, dict] = {}  # the LAST_TURN fields of each owned session's record
         self.metrics = server_metrics()
 
     # ---- the turn ---------------------------------------------------------
@@ -70,16 +75,22 @@ class LLMServer:
                 yield chunk
         finally:
             if not done and persisted:  # client went away: the turn is not committed
-                asyncio.get_running_loop().create_task(self._abandon(sid))
+                asyncio.get_running_loop().create_task(self.drop_cached(sid))
             if not persisted:
                 asyncio.get_running_loop().create_task(self._drop_when_idle(sid))
 
     async def _turn(self, sid: str, req: ChatRequest, persisted: bool,
                     reprefill: float | None) -> AsyncIterator[ChatChunk]:
-        kw = ({"messages": [m.model_dump() for m in req.messages]} if req.messages is not None
-              else {"prompt_token_ids": self._encode(req.prompt)})
+        messages = [m.model_dump() for m in req.messages] if req.messages is not None else None
+        request_digest = chain_digest("", messages) if messages is not None else ""
+        replay = self._committed_reply(sid, messages, request_digest) if persisted else None
+        if replay is not None:
+            yield replay
+            return
         start = last = time.perf_counter()
+        text: list[str] = []
         try:
+            kw = {"messages": messages} if messages is not None else {"prompt_token_ids": self._encode(req.prompt)}
             async for ev in self.engine.generate(sid, sampling=req.sampling, **kw):
                 now = time.perf_counter()
                 self.metrics["ttft" if last == start else "itl"].observe(1000 * (now - last))
@@ -88,10 +99,15 @@ class LLMServer:
                                   logprob=ev.logprob, reprefill_s=reprefill)
                 reprefill = None
                 if ev.finish_reason is None:
+                    text.append(ev.text)
                     yield chunk
                     continue
                 self.metrics["tokens"].inc(ev.usage.completion_tokens)
-                error = await self._commit(sid) if persisted else None
+                text.append(ev.text)
+                last_turn = dict(last_request_digest=request_digest, last_reply="".join(text),
+                                 last_finish_reason=ev.finish_reason, last_prompt_tokens=ev.usage.prompt_tokens,
+                                 last_completion_tokens=ev.usage.completion_tokens)
+                error = await self._commit(sid, last_turn) if persisted else None
                 if error is not None:
                     yield self._error(sid, error)
                     return
@@ -100,6 +116,17 @@ class LLMServer:
                                                    completion_tokens=ev.usage.completion_tokens))
         except EngineError as exc:
             yield self._error(sid, exc)
+
+    def _committed_reply(self, sid: str, messages: list[dict] | None, request_digest: str) -> ChatChunk | None:
+        """The stored reply if this request retries the session's last committed turn."""
+        last = self.last_turn.get(sid)
+        if messages is None or not last or last["last_request_digest"] != request_digest:
+            return None
+        if not self.engine.has_session(sid) or self.engine.snapshot(sid).messages_consumed != len(messages) + 1:
+            return None
+        return ChatChunk(replica_id=self.replica_id, session_id=sid, text=last["last_reply"],
+                         finish_reason=last["last_finish_reason"], prompt_tokens=last["last_prompt_tokens"],
+                         completion_tokens=last["last_completion_tokens"])
 
     def _encode(self, prompt: str | None) -> list[int]:
         if prompt is None:
@@ -120,6 +147,10 @@ class LLMServer:
                 if self.engine.has_session(sid):
                     return None  # keep serving resident sessions while the store is down
                 raise
+            if record is None and self.engine.has_session(sid):
+                # the store lost the record (restart without persistence): our copy is the best left
+                self.epochs[sid] = (await self.store.claim(sid, self.replica_id)).epoch
+                return None
             current = record is not None and record.epoch == self.epochs[sid] and record.owner == self.replica_id
         if not current:
             await self._forget(sid)
@@ -128,6 +159,8 @@ class LLMServer:
             record = claim.previous
             if record is not None and record.owner != self.replica_id:
                 self.metrics["claims"].inc()
+        if record is not None:
+            self.last_turn[sid] = record.model_dump(include=set(LAST_TURN))
         if self.engine.has_session(sid) or record is None or record.tokens_seen == 0:
             return None
         snap = SessionSnapshot(**record.model_dump(include=set(SessionSnapshot.model_fields) - {"session_id"}),
@@ -137,10 +170,10 @@ class LLMServer:
         self.metrics["reprefill_ms"].observe(1000 * seconds)
         return seconds
 
-    async def _commit(self, sid: str) -> Exception | None:
+    async def _commit(self, sid: str, last_turn: dict) -> Exception | None:
         snap = self.engine.snapshot(sid)
         now = time.time()
-        record = SessionRecord(**snap.model_dump(), owner=self.replica_id, epoch=self.epochs[sid],
+        record = SessionRecord(**snap.model_dump(), **last_turn, owner=self.replica_id, epoch=self.epochs[sid],
                                created_at=self.created.get(sid, now), updated_at=now)
         start = time.perf_counter()
         attempts = max(1, int(self.args.commit_timeout_s / 0.5) + 3)
@@ -159,15 +192,21 @@ class LLMServer:
             await self._forget(sid)  # not committed: drop our copy; the next turn rebuilds from the store
             return exc
         self.metrics["commit_ms"].observe(1000 * (time.perf_counter() - start))
+        self.last_turn[sid] = last_turn
         return None
 
     async def _forget(self, sid: str) -> None:
         self.epochs.pop(sid, None)
         self.created.pop(sid, None)
+        self.last_turn.pop(sid, None)
         await self._drop_when_idle(sid)
 
-    async def _abandon(self, sid: str) -> None:
-        await self._drop_when_idle(sid)  # keep the epoch: we still own it; the cache is rebuilt from the store
+    async def drop_cached(self, sid: str) -> None:
+        """Lose this replica's cache of a session but keep ownership: the next turn rebuilds it from the store.
+
+        Used after an abandoned turn, and by operators and tests to exercise a re-prefill.
+        """
+        await self._drop_when_idle(sid)
 
     async def _drop_when_idle(self, sid: str) -> None:
         for _ in range(500):  # the engine ends an aborted request at its next step
@@ -189,7 +228,7 @@ class LLMServer:
         return await self.store.delete(session_id)
 
     def engine_stats(self) -> dict:
-        return {"replica_id": self.replica_id, **asdict(self.engine.stats())}
+        return {"replica_id": self.replica_id, "pid": os.getpid(), **asdict(self.engine.stats())}
 
     def check_health(self) -> None:
         if not self.engine._thread.is_alive():

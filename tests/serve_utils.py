@@ -1,21 +1,15 @@
 """Start the real Serve app (local config) on a free port for integration tests."""
 from __future__ import annotations
 
-import socket
 from contextlib import contextmanager
 from pathlib import Path
 
 from ray import serve
 
 from deployments.app import app_from_config
+from tests.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

@@ -1,0 +1,1 @@
+"""Session-affinity routing, the conversation store, ownership and fencing."""

@@ -1,0 +1,251 @@
+"""RedisSessionStore: the conversation store on Redis; claims and commits are Lua scripts."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import time
+from collections.abc import Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    NoPermissionError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from routing.store import (
+    DEFAULT_PREFIX,
+    DEFAULT_TTL_S,
+    MAX_EPOCH,
+    Claim,
+    CorruptRecordError,
+    SessionRecord,
+    SessionStore,
+    StaleEpochError,
+    StoreAuthError,
+    StoreError,
+    StoreUnavailableError,
+    check_owner,
+    check_prefix,
+    check_ttl,
+    decode_record,
+    encode_record,
+    record_key,
+    stamp,
+)
+
+# check(key) returns the key's kind ('none' or 'hash') and the stored epoch, or
+# raises a CORRUPT/WRONGTYPE error reply, so both scripts refuse foreign data
+# before writing anything. Epochs are canonical decimals <= MAX_EPOCH; digit
+# strings of equal length compare like the numbers.
+_CHECK = """
+local MAX_EPOCH = '@MAX_EPOCH@'
+local function check(key)
+  local kind = redis.call('TYPE', key)['ok']
+  if kind == 'none' then return kind, nil end
+  if kind ~= 'hash' then
+    error({err = 'WRONGTYPE key holds a ' .. kind .. ', not a session record'})
+  end
+  local epoch = redis.call('HGET', key, 'epoch')
+  if redis.call('HLEN', key) ~= 3 or not epoch
+      or not (epoch == '0' or string.match(epoch, '^[1-9]%d*$'))
+      or #epoch > #MAX_EPOCH or (#epoch == #MAX_EPOCH and epoch > MAX_EPOCH)
+      or redis.call('HEXISTS', key, 'owner') == 0
+      or redis.call('HEXISTS', key, 'body') == 0 then
+    error({err = 'CORRUPT session record hash lacks a valid epoch, owner or body'})
+  end
+  return kind, epoch
+end
+local function set_ttl(key, ttl_ms)
+  if tonumber(ttl_ms) > 0 then redis.call('PEXPIRE', key, ttl_ms)
+  else redis.call('PERSIST', key) end
+end
+""".replace("@MAX_EPOCH@", str(MAX_EPOCH))
+
+# KEYS[1] record key. ARGV: owner, body of an empty record (used if new), ttl ms.
+# Returns {new epoch, previous hash as a flat list (empty if new)}.
+_CLAIM = (
+    _CHECK
+    + """
+local key = KEYS[1]
+local kind, held = check(key)
+if held == MAX_EPOCH then error({err = 'CORRUPT epoch is at its maximum'}) end
+local previous = {}
+if kind == 'hash' then previous = redis.call('HGETALL', key) end
+local epoch = redis.call('HINCRBY', key, 'epoch', 1)
+if kind == 'none' then redis.call('HSET', key, 'body', ARGV[2]) end
+redis.call('HSET', key, 'owner', ARGV[1])
+set_ttl(key, ARGV[3])
+return {epoch, previous}
+"""
+)
+
+# KEYS[1] record key. ARGV: epoch, owner, body, ttl ms.
+# Returns {1} if written, {0} if there is no record, {0, epoch, owner} if fenced.
+_COMMIT = (
+    _CHECK
+    + """
+local key = KEYS[1]
+if check(key) == 'none' then return {0} end
+local held = redis.call('HMGET', key, 'epoch', 'owner')
+if held[1] ~= ARGV[1] or held[2] ~= ARGV[2] then return {0, held[1], held[2]} end
+redis.call('HSET', key, 'body', ARGV[3])
+set_ttl(key, ARGV[4])
+return {1}
+"""
+)
+
+_CORRUPT_CODES = ("WRONGTYPE", "CORRUPT")
+
+
+class RedisSessionStore(SessionStore):
+    """Session records in Redis (standalone; keys are Cluster-slot safe).
+
+    ``url``: ``redis://[user:password@]host:port/db`` or ``rediss://`` for TLS.
+    ``password`` overrides any password in the URL (k8s passes it from a Secret).
+    A claim over a record whose JSON body is corrupt still takes effect (epoch
+    and owner are valid) and then raises CorruptRecordError: ``delete`` it to
+    start the session over.
+    """
+
+    def __init__(
+        self,
+        url: str = "redis://localhost:6379/0",
+        *,
+        password: str | None = None,
+        prefix: str = DEFAULT_PREFIX,
+        ttl_s: float | None = DEFAULT_TTL_S,
+        timeout_s: float = 2.0,
+    ) -> None:
+        self._prefix = check_prefix(prefix)
+        ttl = check_ttl(ttl_s)
+        self._ttl_ms = max(1, math.ceil(ttl * 1000)) if ttl else 0
+        if password is not None:
+            url = _without_password(url)
+        self._where = _describe(url)
+        self._redis = aioredis.Redis.from_url(
+            url,
+            password=password,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            # One immediate retry re-dials a pooled connection broken by a server
+            # restart; longer outages surface as StoreUnavailableError for the
+            # caller's backoff (redis-py's default would block for seconds).
+            retry=Retry(NoBackoff(), 1),
+        )
+        self._claim = self._redis.register_script(_CLAIM)
+        self._commit = self._redis.register_script(_COMMIT)
+
+    def __repr__(self) -> str:
+        return f"RedisSessionStore({self._where!r}, prefix={self._prefix!r})"
+
+    async def get(self, session_id: str) -> SessionRecord | None:
+        key = record_key(self._prefix, session_id)
+        with self._errors(session_id):
+            fields = await self._redis.hgetall(key)
+        return decode_record(session_id, fields) if fields else None
+
+    async def claim(self, session_id: str, owner: str) -> Claim:
+        key = record_key(self._prefix, session_id)
+        fresh = SessionRecord.empty(session_id, check_owner(owner), 1, time.time())
+        with self._errors(session_id):
+            epoch, flat = await self._claim(
+                keys=[key], args=[owner, encode_record(fresh)["body"], self._ttl_ms]
+            )
+        previous = decode_record(session_id, dict(zip(flat[::2], flat[1::2]))) if flat else None
+        base = fresh if previous is None else previous
+        return Claim(epoch, previous, base.model_copy(update={"epoch": epoch, "owner": owner}))
+
+    async def commit(self, record: SessionRecord) -> None:
+        key = record_key(self._prefix, record.session_id)
+        fields = encode_record(stamp(record, time.time()))
+        with self._errors(record.session_id):
+            reply = await self._commit(
+                keys=[key], args=[fields["epoch"], fields["owner"], fields["body"], self._ttl_ms]
+            )
+        if reply[0] == 1:
+            return
+        stored_epoch, stored_owner = (None, None) if len(reply) == 1 else (reply[1], reply[2])
+        raise StaleEpochError(
+            record.session_id,
+            record.epoch,
+            record.owner,
+            None if stored_epoch is None else int(stored_epoch),  # the script checked it
+            None if stored_owner is None else stored_owner.decode("utf-8", "replace"),
+        )
+
+    async def delete(self, session_id: str) -> bool:
+        key = record_key(self._prefix, session_id)
+        with self._errors():
+            return bool(await self._redis.delete(key))
+
+    async def touch(self, session_id: str) -> bool:
+        key = record_key(self._prefix, session_id)
+        with self._errors():
+            if self._ttl_ms:
+                return bool(await self._redis.pexpire(key, self._ttl_ms))
+            await self._redis.persist(key)
+            return bool(await self._redis.exists(key))
+
+    async def ping(self) -> bool:
+        try:
+            with self._errors():
+                return bool(await self._redis.ping())
+        except StoreUnavailableError:
+            return False
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    @contextlib.contextmanager
+    def _errors(self, session_id: str | None = None) -> Iterator[None]:
+        """Map redis-py exceptions onto the store's typed errors."""
+        try:
+            yield
+        # Auth errors subclass ConnectionError in redis-py, so they come first.
+        except (AuthenticationError, AuthorizationError, NoPermissionError) as err:
+            raise StoreAuthError(
+                f"redis at {self._where} rejected our credentials ({type(err).__name__}); "
+                "check the user and password"
+            ) from err
+        except (RedisConnectionError, RedisTimeoutError, ReadOnlyError) as err:
+            raise StoreUnavailableError(f"redis at {self._where} is unavailable: {err}") from err
+        except ResponseError as err:
+            message = _script_message(str(err))
+            if message.startswith(_CORRUPT_CODES):
+                raise CorruptRecordError(f"session {session_id!r}: {message}") from err
+            raise StoreError(f"redis at {self._where} refused the command: {message}") from err
+        except RedisError as err:
+            raise StoreError(f"redis at {self._where} failed: {err}") from err
+
+
+def _script_message(message: str) -> str:
+    """Drop the ' script: <sha>, on @user_script...' suffix Redis appends to script errors."""
+    return re.split(r"\s+script: ", message, maxsplit=1)[0]
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at:
+        return url
+    username = userinfo.partition(":")[0]
+    netloc = f"{username}@{hostport}" if username else hostport
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _describe(url: str) -> str:
+    """The URL without credentials, for messages."""
+    parts = urlsplit(url)
+    hostport = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, hostport, parts.path, "", ""))

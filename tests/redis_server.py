@@ -1,0 +1,113 @@
+"""A throwaway real redis-server for tests: free port, temp dir, no persistence.
+
+It can be stopped and started again on the same port, to play a Redis outage.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import quote
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """One redis-server process on 127.0.0.1:``port``; ``password`` sets ``--requirepass``."""
+
+    def __init__(self, password: str | None = None, port: int | None = None) -> None:
+        self.password = password
+        self.port = port or free_port()
+        self._dir = Path(tempfile.mkdtemp(prefix="swiftserve-redis-"))
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        """Start the server (same port as before) and wait until it answers."""
+        if self._proc is not None:
+            raise RuntimeError("redis-server is already running")
+        options = {"port": str(self.port), "bind": "127.0.0.1", "dir": str(self._dir)}
+        options |= {"save": "", "appendonly": "no", "logfile": str(self._dir / "redis.log")}
+        if self.password:
+            options["requirepass"] = self.password
+        args = [REDIS_SERVER, *(arg for k, v in options.items() for arg in (f"--{k}", v))]
+        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout_s
+        while not self._answers():
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                log = (self._dir / "redis.log").read_text(errors="replace")[-2000:]
+                self.stop()
+                raise RuntimeError(f"redis-server on port {self.port} did not start:\n{log}")
+            time.sleep(0.01)
+
+    def stop(self, save: bool = False) -> None:
+        """Kill the server (an outage: data lost), or with ``save`` shut it down after
+        writing a snapshot that the next ``start`` loads (a restart that keeps data)."""
+        if self._proc is None:
+            return
+        if save:
+            self._request([b"SHUTDOWN", b"SAVE"])
+        else:
+            self._proc.kill()
+        self._proc.wait(timeout=10)
+        self._proc = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def _answers(self) -> bool:
+        # "+PONG" or "-NOAUTH ..." both mean the server is up.
+        try:
+            return self._request([b"PING"])[:1] in (b"+", b"-")
+        except OSError:
+            return False
+
+    def _request(self, command: list[bytes]) -> bytes:
+        """Send one command (after AUTH if needed) in raw RESP, so the helper does
+        not depend on the client under test; return the command's reply line."""
+        commands = [[b"AUTH", self.password.encode()]] if self.password else []
+        wire = b"".join(_resp(c) for c in [*commands, command])
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2.0) as sock:
+            sock.sendall(wire)
+            replies = b""
+            while replies.count(b"\r\n") < len(commands) + 1:
+                chunk = sock.recv(4096)
+                if not chunk:  # SHUTDOWN closes the connection without a reply
+                    break
+                replies += chunk
+        lines = replies.split(b"\r\n")
+        return lines[len(commands)] if len(lines) > len(commands) else b""
+
+
+def _resp(command: list[bytes]) -> bytes:
+    parts = [b"*%d\r\n" % len(command)]
+    parts += [b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in command]
+    return b"".join(parts)
+
+
+@contextmanager
+def redis_server(password: str | None = None) -> Iterator[RedisServer]:
+    """A started RedisServer, stopped and cleaned up on exit."""
+    server = RedisServer(password=password)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
