@@ -10,7 +10,7 @@ import pytest
 from ray import serve
 
 from tests.redis_server import redis_server
-from tests.serve_utils import running_app
+from tests.serve_utils import running_app, stream_turn
 
 pytestmark = [pytest.mark.ray, pytest.mark.redis]
 MODEL = "swiftserve-tiny"
@@ -45,21 +45,13 @@ class Conversation:
                 await asyncio.sleep(0.5)
 
     async def _once(self, max_tokens=5):
-        async with self.client.chat.completions.with_streaming_response.create(
-                model=MODEL, messages=self.history, stream=True, max_tokens=max_tokens, temperature=0.0,
-                stream_options={"include_usage": True}, extra_headers={"x-session-id": self.sid}) as resp:
-            replica = resp.headers["x-swiftserve-replica"]
-            if "x-swiftserve-reprefill-ms" in resp.headers:
-                self.reprefill_ms.append(float(resp.headers["x-swiftserve-reprefill-ms"]))
-            text, usage = [], None
-            async for chunk in await resp.parse():
-                if chunk.choices:
-                    text.append(chunk.choices[0].delta.content or "")
-                if chunk.usage:
-                    usage = chunk.usage
+        headers, text, usage = await stream_turn(self.client, self.sid, self.history, max_tokens)
+        replica = headers["x-swiftserve-replica"]
+        if "x-swiftserve-reprefill-ms" in headers:
+            self.reprefill_ms.append(float(headers["x-swiftserve-reprefill-ms"]))
         if usage is None:  # the stream ended with an error event: not acknowledged
             raise httpx.HTTPError("turn ended without completion")
-        self.history.append({"role": "assistant", "content": "".join(text)})
+        self.history.append({"role": "assistant", "content": text})
         self.replicas.append(replica)
         self.tokens += usage.total_tokens
         self.turns += 1

@@ -63,3 +63,23 @@ def test_no_sinks_is_pure_window_attention(pair):
     _, ours = pair
     ids = torch.randint(0, 97, (50,), generator=torch.Generator().manual_seed(3)).tolist()
     assert (stream_logits(ours, ids, 0, 9, 5) - reference_logits(ours, ids, 0, 9)).abs().max() <= 1e-4
+
+
+def test_sharded_checkpoint_loads_the_same(tmp_path):
+    from tests.model_configs import hf_model
+
+    hf = hf_model("qwen3", seed=5)
+    hf.save_pretrained(str(tmp_path / "one"))
+    hf.save_pretrained(str(tmp_path / "sharded"), max_shard_size="40KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    a, b = load_model(tmp_path / "one", progress=False), load_model(tmp_path / "sharded", progress=False)
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_unsupported_architecture_is_named():
+    from swift_engine.errors import UnsupportedModelError
+    from swift_engine.models.llama import ModelArgs
+
+    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel"):
+        ModelArgs.from_hf_config({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})

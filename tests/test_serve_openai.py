@@ -8,7 +8,7 @@ from ray import serve
 
 from deployments.protocol import ChatRequest
 from swift_engine import SamplingParams
-from tests.serve_utils import running_app
+from tests.serve_utils import running_app, stream_turn
 
 pytestmark = pytest.mark.ray
 MODEL = "swiftserve-tiny"
@@ -20,19 +20,10 @@ def url(ray_local):
         yield base
 
 
-async def one_turn(client, sid, history, **kw):
+async def one_turn(client, sid, history):
     """Stream one turn; returns (replica, text, usage)."""
-    async with client.chat.completions.with_streaming_response.create(
-            model=MODEL, messages=history, stream=True, max_tokens=6, temperature=0.0,
-            stream_options={"include_usage": True}, extra_headers={"x-session-id": sid}, **kw) as resp:
-        replica = resp.headers["x-swiftserve-replica"]
-        text, usage = [], None
-        async for chunk in await resp.parse():
-            if chunk.choices:
-                text.append(chunk.choices[0].delta.content or "")
-            if chunk.usage:
-                usage = chunk.usage
-    return replica, "".join(text), usage
+    headers, text, usage = await stream_turn(client, sid, history)
+    return headers["x-swiftserve-replica"], text, usage
 
 
 async def conversation(client, sid, turns):
