@@ -15,13 +15,14 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
-from routing.affinity import pack_sessions
+from routing.affinity import pack_epochs, pack_sessions
 from routing.store import SessionRecord, StaleEpochError, StoreError, StoreUnavailableError, retry_commit
 from swift_engine import EngineError, SessionSnapshot, StreamingEngine
 from swift_engine.engine.session import chain_digest
 from swift_engine.errors import (CapacityError, HistoryMismatchError, InvalidRequestError, SessionBusyError,
                                  UnknownSessionError)
 
+from .autoscaling import autoscaling_stats
 from .config import AppArgs
 from .metrics import server_metrics
 from .protocol import ChatChunk, ChatRequest, ErrorInfo, SessionInfo
@@ -240,11 +241,17 @@ class LLMServer:
         self.metrics["pages_used"].set(st.pages_used)
         self.metrics["evictions"].set(st.evictions)
         self.metrics["tokens_per_s"].set(st.tokens_per_s)
+        resident = self.engine.resident_sessions()
+        # free_pages counts idle sessions' pages: LRU eviction frees them for a new session
         return {"replica_id": self.replica_id, "free_pages": st.pages_free + st.pages_evictable,
-                "total_pages": st.pages_total, "running": st.sessions_running,
+                "pages_used": st.pages_used, "total_pages": st.pages_total, "running": st.sessions_running,
                 "max_running": self.args.engine.max_running, "resident": st.sessions_resident,
-                "sessions": pack_sessions(self.engine.resident_sessions()),
+                "sessions": pack_sessions(resident),
+                "epochs": pack_epochs({sid: self.epochs.get(sid, 0) for sid in resident}),
                 "min_free_pages": self.engine.core.scheduler.reserve}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        return autoscaling_stats(self.record_routing_stats())
 
     def __del__(self):
         self.engine.shutdown()
