@@ -104,6 +104,10 @@ class LLMServer:
                     yield chunk
                     continue
                 self.metrics["tokens"].inc(ev.usage.completion_tokens)
+                if ev.finish_reason == "cancelled":  # the engine is shutting down: not committed
+                    await self.drop_cached(sid)
+                    yield self._error(sid, CapacityError("the replica is shutting down; retry the turn"))
+                    return
                 text.append(ev.text)
                 last_turn = dict(last_request_digest=request_digest, last_reply="".join(text),
                                  last_finish_reason=ev.finish_reason, last_prompt_tokens=ev.usage.prompt_tokens,
