@@ -4,7 +4,7 @@ import asyncio
 import pytest
 from pydantic import ValidationError
 
-from swift_engine import (EngineConfig, HistoryMismatchError, InvalidRequestError, SamplingParams,
+from swift_engine import (EngineConfig, EngineError, HistoryMismatchError, InvalidRequestError, SamplingParams,
                           SessionBusyError, StreamingEngine, UnknownSessionError)
 from swift_engine.tokenizer import IncrementalDetokenizer
 
@@ -201,3 +201,25 @@ async def test_one_turn_at_a_time_per_session(engine):
     while engine.stats().sessions_running:
         await asyncio.sleep(0.01)
     assert (await run(engine, "busy", prompt_token_ids=[3], sampling=GREEDY))[-1].finish_reason == "length"
+
+
+async def test_a_failing_step_fails_its_requests_not_the_engine():
+    e = make()
+    turn1 = dict(prompt_token_ids=prompt(12, 1), sampling=SamplingParams(max_tokens=6, ignore_eos=True))
+    turn2 = dict(prompt_token_ids=prompt(5, 2), sampling=SamplingParams(max_tokens=6, ignore_eos=True))
+    await run(e, "clean", **turn1)
+    expected = ids_of(await run(e, "clean", **turn2))
+    await run(e, "faulty", **turn1)
+    real_run = e.core.runner.run
+
+    def broken(*args, **kw):
+        e.core.runner.run = real_run
+        raise RuntimeError("injected device fault")
+
+    e.core.runner.run = broken
+    with pytest.raises(EngineError, match="injected device fault"):
+        await run(e, "faulty", **turn2)
+    # the session rebuilds from its retained ids and continues exactly
+    assert ids_of(await run(e, "faulty", **turn2)) == expected
+    assert e.snapshot("faulty") == e.snapshot("clean").model_copy(update={"session_id": "faulty"})
+    e.shutdown()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import uuid
@@ -11,13 +12,15 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 
 from ..config import EngineConfig
-from ..errors import CapacityError, InvalidRequestError
+from ..errors import CapacityError, EngineError, InvalidRequestError
 from ..models.loader import load_model, random_model, resolve_model_dir
 from ..outputs import GenerationEvent, SessionSnapshot
 from ..sampling import SamplingParams
 from ..tokenizer import ChatTokenizer
 from .core import EngineCore
 from .request import Request
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,7 +75,11 @@ class StreamingEngine:
                     self._wake.wait()
                 if self._closed and not self.core.has_work():
                     return
-                self.core.step()
+                try:
+                    self.core.step()
+                except Exception as exc:  # keep serving: fail this step's requests, not the engine
+                    logger.exception("engine step failed")
+                    self.core.fail_all(f"engine step failed: {type(exc).__name__}: {exc}")
 
     def _submit(self, req: Request, action) -> None:
         with self._wake:
@@ -129,6 +136,8 @@ class StreamingEngine:
             while not finished:
                 event = await queue.get()
                 finished = event.finish_reason is not None
+                if event.finish_reason == "error":
+                    raise EngineError(event.text)
                 yield event
         finally:
             if not finished:  # consumer went away: free the request's work

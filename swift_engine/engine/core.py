@@ -230,7 +230,7 @@ class EngineCore:
 
     def _complete(self, req: Request, finish_reason: str, **kw) -> None:
         session = self.sessions[req.session_id]
-        if req.kind == "generate" and finish_reason != "cancelled":
+        if req.kind == "generate" and finish_reason in ("stop", "length"):
             session.turns += 1
             if req.new_messages is not None:
                 consumed = req.new_messages + [{"role": "assistant", "content": req.text}]
@@ -246,6 +246,17 @@ class EngineCore:
             self.scheduler.running.remove(req)
         usage = Usage(prompt_tokens=len(req.new_ids), completion_tokens=len(req.output_ids))
         req.emit(req.event(finish_reason=finish_reason, usage=usage, logprobs=req.logprobs, **kw))
+
+    def fail_all(self, message: str) -> None:
+        """A step raised: end every request with an error; their sessions rebuild from retained ids."""
+        for req in list(self.scheduler.waiting) + self.scheduler.running:
+            session = self.sessions[req.session_id]
+            self.cache.release(session.table)  # the failed step may have left pages half-written
+            session.needs_rebuild = bool(session.retained())
+            session.pending = None
+            if req in self.scheduler.waiting:
+                self.scheduler.waiting.remove(req)
+            self._complete(req, finish_reason="error", text=message)
 
     def _reap_aborted(self) -> None:
         for req in [r for r in self.scheduler.waiting if r.aborted]:
