@@ -120,6 +120,8 @@ class LLMServer:
                                                    prompt_tokens=ev.usage.prompt_tokens,
                                                    completion_tokens=ev.usage.completion_tokens))
         except EngineError as exc:
+            if type(exc) is EngineError and persisted:  # a failed step, maybe mid-turn: rebuild from the store
+                await self.drop_cached(sid)
             yield self._error(sid, exc)
 
     def _committed_reply(self, sid: str, messages: list[dict] | None, request_digest: str) -> ChatChunk | None:
