@@ -1,13 +1,30 @@
 """Typed application arguments (the `args:` block of a Serve config)."""
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from swift_engine.config import EngineConfig
 
 
+class Limits(BaseModel):
+    """Request limits enforced by each ingress replica (per replica: N replicas allow N times as much)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_request_bytes: int = Field(8 * 2**20, ge=1024, description="larger request bodies get 413")
+    max_messages: int = Field(8192, ge=1, description="more messages in one chat request get 400")
+    max_concurrent_streams: int = Field(128, ge=1, description="completion requests (streamed or not) in "
+                                                               "flight per tenant; more get 429")
+    rate_limit_per_s: float | None = Field(100.0, gt=0, description="per-tenant token bucket refill, "
+                                                                     "requests/s; None: no rate limit")
+    rate_limit_burst: int = Field(200, ge=1, description="per-tenant token bucket size (requests)")
+
+
 class AppArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # errors never echo values: store_url may hold a password
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), hide_input_in_errors=True)
 
     model_id: str = Field("swiftserve-tiny", min_length=1, description="name served on /v1/models")
     engine: EngineConfig = Field(default_factory=EngineConfig)
@@ -17,10 +34,16 @@ class AppArgs(BaseModel):
     session_ttl_s: int = Field(7 * 24 * 3600, ge=0)
     commit_timeout_s: float = Field(5.0, gt=0, description="commit retries stop after this long")
     max_completion_tokens: int = Field(4096, ge=1, description="largest max_tokens a request may ask")
+    api_keys_env: str | None = Field(None, min_length=1, description="env var holding API keys "
+                                                                     "(`tenant:key` entries, see deployments/auth.py)")
+    api_keys_file: str | None = Field(None, min_length=1, description="file holding API keys, same format; "
+                                                                      "neither set: no authentication")
+    limits: Limits = Field(default_factory=Limits)
 
     @field_validator("store_url")
     @classmethod
     def _known_scheme(cls, v: str) -> str:
         if not v.startswith(("embedded://", "redis://", "rediss://")):
-            raise ValueError(f"store_url must start with embedded://, redis:// or rediss://, got {v!r}")
+            raise ValueError(f"store_url must start with embedded://, redis:// or rediss://, "
+                             f"not scheme {urlsplit(v).scheme!r}")
         return v

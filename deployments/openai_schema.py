@@ -1,21 +1,35 @@
-"""OpenAI request bodies we accept (a compatible subset plus `session_id`, `top_k`, `ignore_eos`)."""
+"""OpenAI request bodies we accept (a compatible subset plus `session_id`, `top_k`, `ignore_eos`), and errors."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from swift_engine.sampling import SamplingParams
+
+SAMPLING_EPS = 1e-5  # as vLLM: a lower temperature is greedy, a lower top_p keeps the top token only
+SESSION_ID_MAX = 200  # leaves room for the tenant prefix within the store's 256 characters
+SESSION_ID_PATTERN = r"^[^\x00-\x1f\x7f]+$"  # no control characters
+
+
+def _utf8(text: str) -> str:
+    text.encode("utf-8")  # JSON may carry lone surrogates ("\ud800"): a 400, not a failure further in
+    return text
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+SessionId = Annotated[str, StringConstraints(min_length=1, max_length=SESSION_ID_MAX, pattern=SESSION_ID_PATTERN),
+                      AfterValidator(_utf8)]
 
 
 class ContentPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[ContentPart]
+    content: Text | list[ContentPart]
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -36,12 +50,12 @@ class SamplingFields(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)
+    stop: Text | list[Text] | None = None
     n: int = Field(1, ge=1, le=1, description="one choice per request")
     logprobs: bool = False
     ignore_eos: bool = False
-    session_id: str | None = Field(None, min_length=1, max_length=256)
+    session_id: SessionId | None = None
 
     @field_validator("stop")
     @classmethod
@@ -52,8 +66,10 @@ class SamplingFields(BaseModel):
         return stops
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
+        # tiny values would overflow float32 in the sampler and fail the replica's whole batch
         return SamplingParams(max_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
-                              temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
+                              temperature=self.temperature if self.temperature >= SAMPLING_EPS else 0.0,
+                              top_p=max(self.top_p, SAMPLING_EPS), top_k=self.top_k, seed=self.seed,
                               stop=self.stop or [], ignore_eos=self.ignore_eos)
 
 
@@ -62,4 +78,28 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str = Field(min_length=1)
+    prompt: Text = Field(min_length=1)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape."""
+
+    error: ErrorDetail
+
+
+_ERRORS = {400: "invalid request", 401: "missing or unknown API key", 404: "unknown model or session",
+           409: "history does not extend the session, or the session is running a turn",
+           413: "request body too large", 429: "rate or concurrency limit reached (see Retry-After)",
+           503: "no replica or store could serve the request"}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict]:
+    """OpenAPI `responses` for the errors a route gives (the gate's 400, 401, 413 and 429 always)."""
+    return {s: {"model": ErrorResponse, "description": _ERRORS[s]} for s in sorted({400, 401, 413, 429, *statuses})}
