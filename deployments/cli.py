@@ -1,4 +1,4 @@
-"""`swiftserve` command: chat (engine alone or a running server), serve (local app)."""
+"""`swiftserve` command: chat (engine alone or a running server), serve (local app), eval (quality)."""
 from __future__ import annotations
 
 import argparse
@@ -23,8 +23,16 @@ def main(argv: list[str] | None = None) -> None:
     chat.add_argument("--temperature", type=float, default=0.7)
     serve_p = sub.add_parser("serve", help="run the Serve app of a config file on a local Ray")
     serve_p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    eval_p = sub.add_parser("eval", help="quality evaluation; 'swiftserve eval ppl --help' for its options",
+                            add_help=False)
+    eval_p.add_argument("what", choices=["ppl"])
+    eval_p.add_argument("rest", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
-    if args.cmd == "serve":
+    if args.cmd == "eval":
+        from swift_engine.eval.ppl import main as eval_ppl
+
+        eval_ppl(args.rest)
+    elif args.cmd == "serve":
         serve_forever(args.config)
     elif args.url:
         chat_with_server(args.url, args.max_tokens, args.temperature)
