@@ -1,4 +1,9 @@
-"""Runs one batched model step: flattened tokens of all scheduled sessions."""
+"""Runs one batched model step: flattened tokens of all scheduled sessions.
+
+Two backends with one contract: `torch` (layers/attention.py, any device, the CPU
+default) and `triton` (engine/cuda_graphs.py: Triton kernels, fused forward, CUDA
+graphs for decode), chosen automatically on CUDA when the shape is supported.
+"""
 from __future__ import annotations
 
 import torch
@@ -9,14 +14,39 @@ from ..models.llama import CausalLM
 from .cache import AppendPlan, SinkWindowCache
 
 
+def select_backend(requested: str, model: CausalLM, device: torch.device) -> str:
+    """'auto' -> triton on CUDA when the kernels support the shape, else torch."""
+    if requested == "torch":
+        return "torch"
+    from ..layers import triton_attention as ta
+
+    why = ta.supported(model.args.head_dim, model.lm_head.weight.dtype)
+    if requested == "triton":
+        if why is not None:
+            raise ValueError(f"attention_backend='triton' is not available: {why}")
+        if device.type != "cuda" and not ta.INTERPRET:
+            raise ValueError("attention_backend='triton' needs a CUDA device (or TRITON_INTERPRET=1)")
+        return "triton"
+    if requested != "auto":
+        raise ValueError(f"attention_backend: expected auto, torch or triton, got {requested!r}")
+    return "triton" if device.type == "cuda" and why is None else "torch"
+
+
 class ModelRunner:
-    def __init__(self, model: CausalLM, cache: SinkWindowCache, max_batch_tokens: int):
+    def __init__(self, model: CausalLM, cache: SinkWindowCache, max_batch_tokens: int,
+                 backend: str = "auto", cuda_graphs: bool = True):
         a = model.args
         self.model, self.cache = model, cache
         self.device = model.lm_head.weight.device
-        self.rope = RotaryTable(inv_frequencies(a.head_dim, a.rope_theta, a.rope_scaling),
-                                cache.S + cache.W + max_batch_tokens + 1, self.device,
+        inv_freq = inv_frequencies(a.head_dim, a.rope_theta, a.rope_scaling)
+        self.rope = RotaryTable(inv_freq, cache.S + cache.W + max_batch_tokens + 1, self.device,
                                 model.lm_head.weight.dtype)
+        self.backend = select_backend(backend, model, self.device)
+        self.gpu = None
+        if self.backend == "triton":
+            from .cuda_graphs import GpuRunner
+
+            self.gpu = GpuRunner(model, cache, max_batch_tokens, inv_freq, graphs=cuda_graphs)
 
     @torch.no_grad()
     def run(self, chunks: list[list[int]], plans: list[AppendPlan],
@@ -25,6 +55,8 @@ class ModelRunner:
 
         Returns float32 logits [len(logit_rows[i]), V] per sequence.
         """
+        if self.gpu is not None:
+            return self.gpu.run(chunks, plans, logit_rows)
         seqs, start = [], 0
         for chunk, plan in zip(chunks, plans):
             seqs.append(plan_sequence(plan, start, self.cache.W, self.device))

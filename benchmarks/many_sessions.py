@@ -1,0 +1,157 @@
+"""(c) Aggregate decode throughput of many sessions batched, against the memory-bandwidth floor.
+
+Every session holds a full S+W cache (default 2048). For B = 1..N sessions decoding together:
+  ours         EngineCore steps (page-level plans), tokens/s = B / step time
+  ours_device  the bucket's CUDA graph replay alone
+  floor        B / ((weight bytes + B * KV bytes) / copy rate)
+  hf_eager     HF transformers eager, batch of B with a DynamicCache of S+W tokens (largest B only)
+Also: how many sessions fit on this GPU at S+W = 4096, full caches vs short (256-token) ones.
+
+    python benchmarks/many_sessions.py [--shape llama2-7b] [--cache 2048] [--batches 1 2 4 8 16 32]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import common as C
+import torch
+
+from swift_engine.engine.cache import ceil_div
+
+S = 4
+
+
+def sweep(model, L: int, batches: list[int], steps: int, bw: float) -> list[dict]:
+    a, wb = model.args, C.weight_bytes(model)
+    bmax = max(batches)
+    core = C.make_core(model, S, L - S, tokens_capacity=bmax * (L + 64), max_batch_tokens=512,
+                       max_running=bmax)
+    rows = []
+    live = []
+    for B in batches:
+        while len(live) < B:  # add sessions; each prefills L + 32 tokens, then keeps decoding
+            i = len(live)
+            live.append(C.submit_generate(core, f"s{i}", C.random_ids(L + 32, a.vocab_size, i), 1_000_000))
+        C.step_until(core, lambda: all(r.phase == "decode" for r in live))
+        for _ in range(5):
+            core.step()
+        ms = C.time_decode_steps(core, steps)
+        bs = C.BatchedSampling(core)
+        for _ in range(2):
+            core.step()
+        ms_bs = C.time_decode_steps(core, steps)
+        bs.close()
+        bucket = next(b for b in core.runner.gpu.buckets if b >= B)
+        graph, _ = core.runner.gpu.graphs[bucket]
+        dev = C.cuda_time_ms(graph.replay, reps=10)
+        fl = C.floor_ms(wb, B * C.kv_bytes(a, L), bw)
+        row = dict(batch=B, step_ms=ms, tok_s=B / ms * 1e3, batched_sampling_step_ms=ms_bs,
+                   batched_sampling_tok_s=B / ms_bs * 1e3, device_ms=dev, device_tok_s=B / dev * 1e3,
+                   floor_ms=fl, floor_tok_s=B / fl * 1e3, bucket=bucket)
+        row["of_floor"] = row["tok_s"] / row["floor_tok_s"]
+        row["batched_sampling_of_floor"] = row["batched_sampling_tok_s"] / row["floor_tok_s"]
+        row["device_of_floor"] = row["device_tok_s"] / row["floor_tok_s"]
+        rows.append(row)
+        C.log("  ", {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
+    for r in live:
+        r.aborted = True
+    core.step()
+    core = live = bs = r = None
+    C.free()
+    return rows
+
+
+def hf_batched(model, cfg, L: int, B: int, steps: int) -> dict:
+    import transformers
+
+    hf = C.hf_sharing(model, cfg, "sdpa")
+    ids = torch.tensor([C.random_ids(L, model.args.vocab_size, 100 + b) for b in range(B)], device="cuda")
+    cache = transformers.DynamicCache(config=hf.config)
+    with torch.no_grad():
+        out = hf(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        C.set_attn(hf, "eager")
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        times = []
+        for i in range(steps + 2):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = hf(input_ids=tok, past_key_values=cache, use_cache=True)
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            tok.tolist()
+            if i >= 2:
+                times.append(time.perf_counter() - t)
+    times.sort()
+    ms = times[len(times) // 2] * 1e3
+    del cache, hf
+    C.free()
+    return dict(batch=B, step_ms=ms, tok_s=B / ms * 1e3)
+
+
+def capacity(model, L: int, short: int, mbt: int, page_size: int = 16) -> dict:
+    """Sessions whose caches fit in the GPU memory left after weights (page pool), full vs short."""
+    a = model.args
+    C.free()
+    free_b, _ = torch.cuda.mem_get_info()
+    usable = free_b - 4 * 2**30  # activations, graphs, allocator slack
+    page_bytes = C.kv_bytes(a, page_size)
+    pages = usable // page_bytes
+    full = ceil_div(S, page_size) + ceil_div(L - S + page_size - 1, page_size)
+    small = ceil_div(S, page_size) + ceil_div(short - S, page_size)
+    running_reserve = full + ceil_div(mbt, page_size) + 1
+    return dict(cache_tokens=L, pool_pages=int(pages), pool_gb=pages * page_bytes / 2**30,
+                pages_full_session=full, pages_short_session=small, short_tokens=short,
+                resident_full=int(pages // full), resident_short=int(pages // small),
+                running_full=int(pages // running_reserve))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", nargs="+", default=["llama2-7b", "llama3-8b"])
+    p.add_argument("--cache", type=int, default=2048)
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--hf-batch", type=int, default=32)
+    p.add_argument("--fit-batch", action="store_true", help="also decode the most full 4096 sessions that fit")
+    args = p.parse_args()
+    bw = C.copy_bandwidth_gbs()
+    results = dict(copy_gbs=bw, S=S, cache_tokens=args.cache, shapes={})
+    for name in args.shapes:
+        C.log(f"== {name}")
+        model = C.make_model(name)
+        r = dict(sweep=sweep(model, args.cache, args.batches, args.steps, bw))
+        r["capacity_4096"] = capacity(model, 4096, 256, 512)
+        C.log("  capacity", r["capacity_4096"])
+        if args.hf_batch:
+            try:
+                r["hf_eager"] = hf_batched(model, C.SHAPES[name], args.cache, args.hf_batch, 6)
+                ours = next(x for x in r["sweep"] if x["batch"] == args.hf_batch)
+                r["hf_eager"]["ours_over_hf"] = ours["tok_s"] / r["hf_eager"]["tok_s"]
+                C.log("  hf", r["hf_eager"])
+            except torch.OutOfMemoryError as exc:
+                r["hf_eager"] = dict(error=str(exc)[:200])
+                C.free()
+        if args.fit_batch:  # last: the HF baseline above needs the memory these caches take
+            nfit = min(r["capacity_4096"]["pool_pages"] // 300 - 1, 64)  # make_core's pages per session
+            r["fit_4096"] = sweep(model, 4096, [nfit], 10, bw)
+        results["shapes"][name] = r
+        del model
+        C.free()
+        C.save("many_sessions", results)
+    for name, r in results["shapes"].items():
+        print(f"\n{name}, S+W={args.cache}: batch | tok/s | tok/s batched sampling | GPU-only tok/s | "
+              "floor tok/s | of floor | batched sampling of floor | GPU-only of floor")
+        for x in r["sweep"]:
+            print(f"{x['batch']} | {x['tok_s']:.0f} | {x['batched_sampling_tok_s']:.0f} | {x['device_tok_s']:.0f} | "
+                  f"{x['floor_tok_s']:.0f} | {x['of_floor']:.2f} | {x['batched_sampling_of_floor']:.2f} | "
+                  f"{x['device_of_floor']:.2f}")
+        for x in r.get("fit_4096", []):
+            print(f"S+W=4096, {x['batch']} sessions (most that fit): {x['tok_s']:.0f} tok/s, batched sampling "
+                  f"{x['batched_sampling_tok_s']:.0f}, GPU-only {x['device_tok_s']:.0f}, floor {x['floor_tok_s']:.0f}")
+        if "hf_eager" in r:
+            print("HF eager:", r["hf_eager"])
+        print("capacity at 4096:", r["capacity_4096"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,338 @@
+"""The GPU step: fused decoder forward, Triton sink+window attention, CUDA graphs for decode.
+
+`GpuRunner.run` has ModelRunner.run's contract. A step whose sequences all feed one
+token (pure decode) replays a CUDA graph captured for the smallest batch-size
+bucket that holds it; its metadata (token ids, per-session lengths/slots, page
+tables) lives in one static int32 device buffer, refreshed by a single host->device
+copy per step. Other steps (prefill chunks, mixed) run eagerly: single-token
+sequences through the decode kernel, longer chunks through the prefill kernel.
+
+The forward is the model's own arithmetic (models/llama.py) with fewer launches:
+q/k/v and gate/up projections fused into one GEMM each (the model's parameters
+become views of the fused tensors, so the torch path and state_dict still work),
+residual add + RMSNorm and SiLU * up as single Triton kernels.
+"""
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..layers import triton_attention as ta
+from .cache import AppendPlan, SinkWindowCache, ceil_div
+
+# measured on H100 (benchmarks/NOTES-gpu.md): 4096-token chunk 1.06 vs 1.28 ms/layer for 64x64x4 warps
+PREFILL_CFG = dict(block_m=128, block_n=64, num_warps=8, num_stages=3)
+GRAPH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 64, 96, 128)
+
+
+# ---- plans -> page-level metadata ------------------------------------------------
+def plan_info(plan, page_size: int):
+    """(sink tokens, window tokens, sink pages, window pages, window start) after the append.
+
+    Reads page lists directly when the plan carries them (page-level plans), else
+    recovers them from the slot lists in O(pages).
+    """
+    if hasattr(plan, "window_pages"):
+        return plan.sink_len, plan.window_len, plan.sink_pages, plan.window_pages, plan.window_start
+    P = page_size
+    sink, window = plan.sink_slots, plan.window_slots
+    sink_pages = [s // P for s in sink[::P]]
+    if not window:
+        return len(sink), 0, sink_pages, [], 0
+    ws = window[0] % P
+    first = (P - ws) % P or P
+    window_pages = [window[0] // P] + [s // P for s in window[first::P]]
+    return len(sink), len(window), sink_pages, window_pages, ws
+
+
+def decode_row(plan, page_size: int, window: int, row: int):
+    """Decode metadata [n_vis, n_sinks, sink_pages, window_offset, slot, row] and the page list."""
+    ns, nw, sp, wp, ws = plan_info(plan, page_size)
+    if plan.new_sinks:  # the token itself became a sink: it sees the sinks only
+        n_vis, woff = ns, 0
+    else:
+        nwv = min(nw, window)
+        n_vis, woff = ns + nwv, ws + nw - nwv
+    return (n_vis, ns, len(sp), woff, plan.write_slots[0], row), sp + wp
+
+
+def prefill_row(plan, page_size: int, start: int, n: int):
+    ns, nw, sp, wp, ws = plan_info(plan, page_size)
+    return (start, n, ns, plan.new_sinks, plan.old_window, len(sp), ws, 0), sp + wp
+
+
+# ---- fused forward --------------------------------------------------------------
+def _fuse(linears, attr: str = "weight") -> torch.Tensor | None:
+    """One tensor holding the linears' `attr` rows back to back; each linear's parameter becomes
+    a view of it (no extra memory; a second engine over the same model reuses it)."""
+    params = [getattr(m, attr) for m in linears]
+    if params[0] is None:
+        return None
+    key = f"_swift_fused_{attr}"
+    fused = getattr(linears[0], key, None)
+    if fused is not None:
+        off, ok = 0, True
+        for p in params:
+            ok &= p.data_ptr() == fused[off:off + p.shape[0]].data_ptr() and p.is_contiguous()
+            off += p.shape[0]
+        if ok and off == fused.shape[0]:
+            return fused
+    fused = torch.cat([p.data for p in params]).contiguous()
+    off = 0
+    for p in params:
+        n = p.shape[0]
+        p.data = fused[off:off + n]
+        off += n
+    setattr(linears[0], key, fused)
+    return fused
+
+
+class FusedDecoder:
+    def __init__(self, model):
+        a = model.args
+        self.model, self.a = model, a
+        self.nq, self.nk = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        self.layers = []
+        for layer in model.model.layers:
+            at, mlp = layer.self_attn, layer.mlp
+            self.layers.append(SimpleNamespace(
+                wqkv=_fuse([at.q_proj, at.k_proj, at.v_proj]),
+                bqkv=_fuse([at.q_proj, at.k_proj, at.v_proj], "bias"),
+                wo=at.o_proj.weight, wgu=_fuse([mlp.gate_proj, mlp.up_proj]), wdown=mlp.down_proj.weight,
+                in_w=layer.input_layernorm.weight, in_eps=layer.input_layernorm.eps,
+                post_w=layer.post_attention_layernorm.weight, post_eps=layer.post_attention_layernorm.eps,
+                q_norm=getattr(at, "q_norm", None), k_norm=getattr(at, "k_norm", None)))
+        self.norm = model.model.norm
+        self.gemv_cfg: dict = {}
+
+    def _lin(self, x, w, b=None, gemv: bool = False):
+        if gemv:
+            return ta.gemv(x, w, bias=b, **self.gemv_cfg)
+        return F.linear(x, w, b)
+
+    def forward(self, ids: torch.Tensor, attn, gemv: bool = False) -> torch.Tensor:
+        """gemv: few rows (decode) -> weight-streaming Triton GEMV instead of cuBLAS (measured faster
+        in a CUDA graph at M <= 32, and no split-K reduce kernels; NOTES-gpu.md)."""
+        a, L = self.a, self.layers
+        x = F.embedding(ids, self.model.model.embed_tokens.weight)
+        t = x.shape[0]
+        gemv = gemv and t <= ta.GEMV_MAX_M
+        res, h = ta.add_rmsnorm(x, None, L[0].in_w, L[0].in_eps)
+        for i, ly in enumerate(L):
+            qkv = self._lin(h, ly.wqkv, ly.bqkv, gemv)
+            q = qkv[:, :self.nq].view(t, a.num_heads, a.head_dim)
+            k = qkv[:, self.nq:self.nq + self.nk].view(t, a.num_kv_heads, a.head_dim)
+            v = qkv[:, self.nq + self.nk:].view(t, a.num_kv_heads, a.head_dim)
+            if ly.q_norm is not None:
+                q, k = ly.q_norm(q), ly.k_norm(k)
+            o = attn(i, q, k, v)
+            res, h = ta.add_rmsnorm(res, self._lin(o.view(t, self.nq), ly.wo, None, gemv), ly.post_w,
+                                    ly.post_eps, residual_out=res)
+            m = self._lin(ta.silu_mul(self._lin(h, ly.wgu, None, gemv)), ly.wdown, None, gemv)
+            nxt = L[i + 1] if i + 1 < len(L) else None
+            res, h = ta.add_rmsnorm(res, m, nxt.in_w if nxt else self.norm.weight,
+                                    nxt.in_eps if nxt else self.norm.eps, residual_out=res)
+        return h
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.model.lm_head.weight).float()
+
+
+# ---- attention backends (callables the fused forward calls per layer) --------------
+class DecodeAttention:
+    def __init__(self, runner: GpuRunner, meta, block_table, params: ta.DecodeParams):
+        self.r, self.meta, self.bt, self.params = runner, meta, block_table, params
+
+    def __call__(self, layer, q, k, v):
+        r = self.r
+        out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+        ta.decode_attention(q, k, v, r.cache.k[layer], r.cache.v[layer], self.bt, self.meta, r.rope, out,
+                            self.params, r.cache.P)
+        return out
+
+
+class MixedAttention:
+    """Prefill chunks through the prefill kernel, single-token sequences through the decode kernel."""
+
+    def __init__(self, runner, write_slots, pre, dec):
+        self.r, self.write_slots, self.pre, self.dec = runner, write_slots, pre, dec
+
+    def __call__(self, layer, q, k, v):
+        r = self.r
+        kc, vc = r.cache.k[layer], r.cache.v[layer]
+        out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+        if self.pre is not None:
+            seq, qb, nqb, bt = self.pre
+            ta.kv_write(k, v, kc, vc, self.write_slots)
+            ta.prefill_attention(q, kc, vc, bt, seq, qb, nqb, r.rope, out, r.cache.W, r.cache.P, **r.prefill_cfg)
+        if self.dec is not None:
+            meta, bt, params = self.dec
+            ta.decode_attention(q, k, v, kc, vc, bt, meta, r.rope, out, params, r.cache.P)
+        return out
+
+
+# ---- the runner ---------------------------------------------------------------------
+class GpuRunner:
+    def __init__(self, model, cache: SinkWindowCache, max_batch_tokens: int, inv_freq: torch.Tensor,
+                 graphs: bool = True, max_graph_batch: int = 128, decode_cfg: dict | None = None,
+                 prefill_cfg: dict | None = None):
+        a = model.args
+        self.a, self.cache = a, cache
+        self.device = model.lm_head.weight.device
+        self.fused = FusedDecoder(model)
+        self.rope = ta.RopeTables(inv_freq, cache.S + cache.W + max_batch_tokens + 1, self.device)
+        self.sms = ta.num_sms(self.device)
+        self.decode_cfg = dict(decode_cfg or {})
+        self.prefill_cfg = dict(PREFILL_CFG, **(prefill_cfg or {}))
+        self.max_keys = cache.S + cache.W
+        P = cache.P
+        self.maxp = ceil_div(cache.S, P) + ceil_div(cache.W + P, P) + 1  # pages a decoding session holds
+        self.use_graphs = graphs and self.device.type == "cuda" \
+            and os.environ.get("SWIFTSERVE_CUDA_GRAPHS", "1") != "0"
+        limit = min(max_graph_batch, max_batch_tokens)
+        self.buckets = [b for b in GRAPH_BUCKETS if b <= limit] or [1]
+        self.width = 1 + ta.META_W + self.maxp
+        self.host = np.zeros((self.buckets[-1], self.width), dtype=np.int32)
+        self.dev = torch.zeros(self.buckets[-1], self.width, dtype=torch.int32, device=self.device) \
+            if self.use_graphs else None
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+        self.stats = dict(graph_steps=0, eager_decode_steps=0, mixed_steps=0, captures=0)
+        # decode steps (graph or eager) through the Triton GEMV; SWIFTSERVE_GEMV=0 -> cuBLAS
+        self.use_gemv = os.environ.get("SWIFTSERVE_GEMV", "1") != "0" and self.device.type == "cuda" \
+            and model.lm_head.weight.dtype != torch.float32
+        self.fused.gemv_cfg["sms"] = self.sms
+
+    def params_for(self, batch: int, max_keys: int) -> ta.DecodeParams:
+        return ta.DecodeParams(batch, self.a.num_kv_heads, max_keys, self.sms, **self.decode_cfg)
+
+    # -- public
+    @torch.no_grad()
+    def run(self, chunks: list[list[int]], plans: list[AppendPlan], logit_rows: list[list[int]]):
+        if all(len(c) == 1 for c in chunks):
+            logits = self._decode(chunks, plans)
+            return [logits[i:i + 1] if rows else logits[i:i] for i, rows in enumerate(logit_rows)]
+        return self._mixed(chunks, plans, logit_rows)
+
+    # -- decode: one token per session
+    def _fill(self, chunks, plans, rows: int) -> bool:
+        """Write ids + metadata of the step into self.host[:rows] (padding after). False if it won't fit."""
+        h = self.host
+        P, W = self.cache.P, self.cache.W
+        for i, (chunk, plan) in enumerate(zip(chunks, plans)):
+            meta, pages = decode_row(plan, P, W, i)
+            if len(pages) > self.maxp:
+                return False
+            h[i, 0] = chunk[0]
+            h[i, 1:7] = meta
+            h[i, 9:9 + len(pages)] = pages
+        n = len(chunks)
+        if rows > n:
+            h[n:rows, :9] = 0
+            h[n:rows, 6] = np.arange(n, rows)
+        return True
+
+    def _decode(self, chunks, plans) -> torch.Tensor:
+        B = len(chunks)
+        bucket = next((b for b in self.buckets if b >= B), None) if self.use_graphs else None
+        if bucket is not None and bucket not in self.graphs:
+            self._capture(bucket)  # first: capture resets the host buffer
+        if bucket is not None and self._fill(chunks, plans, bucket):
+            graph, out = self.graphs[bucket]
+            self.dev[:bucket].copy_(torch.from_numpy(self.host[:bucket]))
+            graph.replay()
+            self.stats["graph_steps"] += 1
+            return out[:B].clone()
+        self.stats["eager_decode_steps"] += 1
+        rows, pages = zip(*(decode_row(p, self.cache.P, self.cache.W, i) for i, p in enumerate(plans)))
+        meta = np.zeros((B, ta.META_W), dtype=np.int32)
+        meta[:, :6] = rows
+        bt = np.zeros((B, max(1, max(len(p) for p in pages))), dtype=np.int32)
+        for i, p in enumerate(pages):
+            bt[i, :len(p)] = p
+        ids = torch.tensor([c[0] for c in chunks], dtype=torch.long, device=self.device)
+        meta_t, bt_t = torch.from_numpy(meta).to(self.device), torch.from_numpy(bt).to(self.device)
+        attn = DecodeAttention(self, meta_t, bt_t, self.params_for(B, int(meta[:, 0].max())))
+        return self.fused.logits(self.fused.forward(ids, attn, gemv=self.use_gemv))
+
+    def _capture(self, bucket: int):
+        view = self.dev[:bucket]
+        params = self.params_for(bucket, self.max_keys)
+        self.host[:bucket] = 0
+        self.host[:bucket, 6] = np.arange(bucket)
+        view.copy_(torch.from_numpy(self.host[:bucket]))
+
+        def forward():
+            attn = DecodeAttention(self, view[:, 1:1 + ta.META_W], view[:, 1 + ta.META_W:], params)
+            return self.fused.logits(self.fused.forward(view[:, 0], attn, gemv=self.use_gemv))
+
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            forward()  # compiles kernels, creates cuBLAS handles/workspaces outside capture
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            out = forward()
+        if self.pool is None:
+            self.pool = graph.pool()
+        self.graphs[bucket] = (graph, out)
+        self.stats["captures"] += 1
+        return graph, out
+
+    # -- prefill chunks (and any single-token sequences in the same step)
+    def _mixed(self, chunks, plans, logit_rows):
+        self.stats["mixed_steps"] += 1
+        P, W = self.cache.P, self.cache.W
+        bm = self.prefill_cfg["block_m"]
+        T = sum(len(c) for c in chunks)
+        slots = np.full(T, -1, dtype=np.int32)
+        pre_rows, pre_pages, qblocks, dec_rows, dec_pages, starts = [], [], [], [], [], []
+        start = 0
+        limit = self.rope.positions - self.cache.S - self.cache.W - 1
+        for chunk, plan in zip(chunks, plans):
+            n = len(chunk)
+            if n > limit:
+                raise ValueError(f"chunk of {n} tokens exceeds max_batch_tokens={limit}")
+            starts.append(start)
+            if n == 1:
+                meta, pages = decode_row(plan, P, W, start)
+                dec_rows.append(meta)
+                dec_pages.append(pages)
+            else:
+                meta, pages = prefill_row(plan, P, start, n)
+                slots[start:start + n] = plan.write_slots
+                qblocks += [(len(pre_rows), j0) for j0 in range(0, n, bm)]
+                pre_rows.append(meta)
+                pre_pages.append(pages)
+            start += n
+        dev = self.device
+
+        def table(pages):
+            bt = np.zeros((len(pages), max(1, max(len(p) for p in pages))), dtype=np.int32)
+            for i, p in enumerate(pages):
+                bt[i, :len(p)] = p
+            return torch.from_numpy(bt).to(dev)
+
+        pre = dec = None
+        if pre_rows:
+            pre = (torch.tensor(pre_rows, dtype=torch.int32, device=dev),
+                   torch.tensor(qblocks, dtype=torch.int32, device=dev), len(qblocks), table(pre_pages))
+        if dec_rows:
+            meta = np.zeros((len(dec_rows), ta.META_W), dtype=np.int32)
+            meta[:, :6] = dec_rows
+            dec = (torch.from_numpy(meta).to(dev), table(dec_pages),
+                   self.params_for(len(dec_rows), int(meta[:, 0].max())))
+        ids = torch.tensor([t for c in chunks for t in c], dtype=torch.long, device=dev)
+        attn = MixedAttention(self, torch.from_numpy(slots).to(dev), pre, dec)
+        hidden = self.fused.forward(ids, attn)
+        rows = [s + r for s, rs in zip(starts, logit_rows) for r in rs]
+        if rows:
+            logits = self.fused.logits(hidden[torch.tensor(rows, dtype=torch.long, device=dev)])
+        else:
+            logits = hidden.new_empty(0, 0, dtype=torch.float32)
+        return list(torch.split(logits, [len(r) for r in logit_rows]))
