@@ -20,7 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from swift_engine.config import EngineConfig
-from swift_engine.engine.cache import PageTable, SinkWindowCache
 from swift_engine.engine.core import EngineCore
 from swift_engine.engine.request import Request
 from swift_engine.models.loader import random_model
@@ -123,102 +122,6 @@ def floor_ms(wbytes: int, kvbytes: int, gbs: float) -> float:
 
 
 # ---- the engine ----------------------------------------------------------------------
-class PageLevelPlan:
-    """Proposed cache.py change (NOTES-gpu.md): an AppendPlan that carries page lists and builds
-    the per-token slot lists only when asked (the torch path asks; the GPU path never does).
-    cache.append today builds S+W Python ints per session per step (~0.6-1.2 ms at 4096)."""
-
-    __slots__ = (
-        "P",
-        "new_sinks",
-        "old_window",
-        "sink_len",
-        "sink_pages",
-        "window_len",
-        "window_pages",
-        "window_start",
-        "write_slots",
-    )
-
-    def __init__(self, write_slots, new_sinks, old_window, table: PageTable, P: int):
-        self.write_slots, self.new_sinks, self.old_window, self.P = write_slots, new_sinks, old_window, P
-        self.sink_pages, self.sink_len = list(table.sink_pages), table.sink_len
-        self.window_pages, self.window_start, self.window_len = list(table.window_pages), table.window_start, \
-            table.window_len
-
-    @property
-    def sink_slots(self):
-        P = self.P
-        return [self.sink_pages[i // P] * P + i % P for i in range(self.sink_len)]
-
-    @property
-    def window_slots(self):
-        P, ws = self.P, self.window_start
-        return [self.window_pages[(ws + i) // P] * P + (ws + i) % P for i in range(self.window_len)]
-
-
-class PageLevelCache(SinkWindowCache):
-    def append(self, table: PageTable, n: int):
-        from swift_engine.errors import CapacityError
-
-        if self.pages_for(table, n) > len(self.free):
-            raise CapacityError("KV page pool exhausted (scheduler reservation violated)")
-        old_window = table.window_len
-        new_sinks = min(n, self.S - table.sink_len)
-        write = [self._push_sink(table) for _ in range(new_sinks)]
-        write += [self._push_window(table) for _ in range(n - new_sinks)]
-        return PageLevelPlan(write, new_sinks, old_window, table, self.P)
-
-
-def use_page_level_plans(enabled: bool = True) -> None:
-    """Make EngineCore build PageLevelCache (the proposed cache.py behaviour) from now on."""
-    import swift_engine.engine.core as core_mod
-
-    core_mod.SinkWindowCache = PageLevelCache if enabled else SinkWindowCache
-
-
-class BatchedSampling:
-    """Proposed core.py change (NOTES-gpu.md), demonstrated without editing core.py: sample every
-    greedy row of a step in one pass (one log_softmax/argmax over [B, V], one device->host copy)
-    instead of one sample() call, with its own syncs, per request. Patches core's `sample` so
-    rows precomputed for this step are looked up; anything else falls through to the original."""
-
-    def __init__(self, core: EngineCore):
-        import swift_engine.engine.core as core_mod
-
-        self.core, self.mod, self.orig_run, self.orig_sample = core, core_mod, core.runner.run, core_mod.sample
-        self.cache: dict[int, tuple[int, float]] = {}
-        core.runner.run = self.run
-        core_mod.sample = self.sample
-
-    def run(self, chunks, plans, logit_rows):
-        out = self.orig_run(chunks, plans, logit_rows)
-        rows = [o[-1] for o in out if len(o)]
-        self.cache.clear()
-        if rows:
-            lg = torch.stack(rows).float()
-            lp = torch.log_softmax(lg, dim=-1)
-            ids = lg.argmax(-1)
-            vals = torch.stack([ids.float(), lp.gather(1, ids[:, None])[:, 0]]).tolist()
-            k = 0
-            for o in out:
-                if len(o):
-                    self.cache[o[-1:].data_ptr()] = (int(vals[0][k]), vals[1][k])
-                    k += 1
-        return out
-
-    def sample(self, logits, params, generators):
-        if len(params) == 1 and params[0].greedy and logits.data_ptr() in self.cache:
-            tok, lp = self.cache[logits.data_ptr()]
-            return [tok], [lp]
-        return self.orig_sample(logits, params, generators)
-
-    def close(self):
-        del self.core.runner.run  # back to the class method (no reference cycle through the runner)
-        self.mod.sample = self.orig_sample
-        self.core = self.orig_run = None
-
-
 def make_model(shape: str | dict, dtype=torch.bfloat16, seed: int = 0):
     cfg = SHAPES[shape] if isinstance(shape, str) else shape
     torch.manual_seed(seed)
@@ -226,16 +129,13 @@ def make_model(shape: str | dict, dtype=torch.bfloat16, seed: int = 0):
 
 
 def make_core(model, S: int, W: int, tokens_capacity: int, max_batch_tokens: int = 512,
-              max_running: int = 64, page_size: int = 16, page_level: bool = True,
-              max_prompt_tokens: int = 1 << 22) -> EngineCore:
+              max_running: int = 64, page_size: int = 16, max_prompt_tokens: int = 1 << 22) -> EngineCore:
     """An EngineCore over `model` whose page pool holds `tokens_capacity` tokens (+ reserves)."""
-    use_page_level_plans(page_level)
     pages = tokens_capacity // page_size + max_running * (max_batch_tokens // page_size + 4) + 64
     cfg = EngineConfig(model="random", device="cuda", dtype="bfloat16" if model.lm_head.weight.dtype ==
                        torch.bfloat16 else "float32", sink_tokens=S, window_tokens=W, page_size=page_size,
                        num_pages=pages, max_batch_tokens=max_batch_tokens, max_running=max_running,
-                       **({"max_prompt_tokens": max_prompt_tokens}
-                          if "max_prompt_tokens" in EngineConfig.model_fields else {}))
+                       max_prompt_tokens=max_prompt_tokens)
     return EngineCore(cfg, model, None)
 
 

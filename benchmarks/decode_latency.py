@@ -1,8 +1,7 @@
 """(a) Per-token decode latency, batch 1, random bf16 weights (Figure-10 style).
 
 For each cache size S+W (256 ... 4096), in one run:
-  ours            EngineCore steps (Triton + CUDA graphs), page-level plans (proposed cache.py)
-  ours_listplans  the same with cache.py as it is (per-token slot lists built in Python)
+  ours            EngineCore steps (Triton + CUDA graphs): the engine as served
   ours_eager      no CUDA graphs (Triton kernels launched eagerly)
   ours_device     the decode graph's replay alone (CUDA events): the GPU's share
   hf_eager        HF transformers, eager attention, DynamicCache holding that many tokens
@@ -27,9 +26,8 @@ SIZES = [256, 512, 1024, 2048, 4096]
 S = 4
 
 
-def ours(model, L: int, steps: int, page_level: bool, graphs: bool = True):
-    core = C.make_core(model, S, L - S, tokens_capacity=2 * L, max_batch_tokens=2048, max_running=4,
-                       page_level=page_level)
+def ours(model, L: int, steps: int, graphs: bool = True):
+    core = C.make_core(model, S, L - S, tokens_capacity=2 * L, max_batch_tokens=2048, max_running=4)
     core.runner.gpu.use_graphs = graphs
     req = C.submit_generate(core, "s", C.random_ids(L + 64, model.args.vocab_size, L), steps + 20)
     C.step_until(core, lambda: req.phase == "decode")
@@ -87,7 +85,7 @@ def run_shape(name: str, args, bw: float) -> dict:
     for L in args.sizes:
         row = dict(cache_tokens=L, kv_bytes=C.kv_bytes(a, L))
         row["floor_ms"] = C.floor_ms(wb, row["kv_bytes"], bw)
-        core, row["ours_ms"] = ours(model, L, args.steps, page_level=True)
+        core, row["ours_ms"] = ours(model, L, args.steps)
         row["ours_device_ms"] = device_ms(core)
         if L == max(args.sizes):
             res["profile"] = lab_profile(core, f"{name} L={L} B=1")
@@ -96,9 +94,7 @@ def run_shape(name: str, args, bw: float) -> dict:
         row["graph_stats"] = dict(core.runner.gpu.stats)
         del core
         C.free()
-        _, row["ours_eager_ms"] = ours(model, L, max(10, args.steps // 4), page_level=True, graphs=False)
-        C.free()
-        _, row["ours_listplans_ms"] = ours(model, L, args.steps, page_level=False)
+        _, row["ours_eager_ms"] = ours(model, L, max(10, args.steps // 4), graphs=False)
         C.free()
         if hf is None:  # after the first engine fused the weights: shares the fused views
             hf = C.hf_sharing(model, C.SHAPES[name], "eager")
@@ -131,10 +127,10 @@ def table(results: dict) -> str:
     lines = []
     for name, r in results["shapes"].items():
         lines.append(f"\n{name}  (copy rate {results['copy_gbs']:.0f} GB/s; ms per token, batch 1)")
-        lines.append("cache | ours | ours(list plans) | ours(no graphs) | GPU only | HF eager | recompute | floor "
+        lines.append("cache | ours | ours(no graphs) | GPU only | HF eager | recompute | floor "
                      "| ours/floor | HF/ours | recompute/ours")
         for L, x in r["sizes"].items():
-            lines.append(f"{L} | {x['ours_ms']:.2f} | {x['ours_listplans_ms']:.2f} | {x['ours_eager_ms']:.2f} | "
+            lines.append(f"{L} | {x['ours_ms']:.2f} | {x['ours_eager_ms']:.2f} | "
                          f"{x['ours_device_ms']:.2f} | {x.get('hf_eager_ms', float('nan')):.1f} | "
                          f"{x.get('recompute_ms', float('nan')):.1f} | {x['floor_ms']:.2f} | "
                          f"{x['ours_over_floor']:.2f} | {x.get('hf_over_ours', float('nan')):.1f} | "

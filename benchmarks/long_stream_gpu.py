@@ -20,7 +20,7 @@ import time
 import common as C
 import torch
 
-from swift_engine.engine.cache import PageTable
+from swift_engine.engine.cache import PageTable, SinkWindowCache
 from swift_engine.engine.model_runner import ModelRunner
 
 
@@ -31,8 +31,8 @@ def rel(a, b) -> float:
 class Lane:
     def __init__(self, model, S, W, chunk, dtype):
         a = model.args
-        self.cache = C.PageLevelCache(S, W, 16, (S + W + chunk) // 16 + 64,
-                                      (a.num_layers, a.num_kv_heads, a.head_dim), "cuda", dtype)
+        self.cache = SinkWindowCache(S, W, 16, (S + W + chunk) // 16 + 64,
+                                     (a.num_layers, a.num_kv_heads, a.head_dim), "cuda", dtype)
         self.runner = ModelRunner(model, self.cache, chunk)
         self.table = PageTable()
 

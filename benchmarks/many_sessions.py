@@ -1,7 +1,7 @@
 """(c) Aggregate decode throughput of many sessions batched, against the memory-bandwidth floor.
 
 Every session holds a full S+W cache (default 2048). For B = 1..N sessions decoding together:
-  ours         EngineCore steps (page-level plans), tokens/s = B / step time
+  ours         EngineCore steps (the engine as served), tokens/s = B / step time
   ours_device  the bucket's CUDA graph replay alone
   floor        B / ((weight bytes + B * KV bytes) / copy rate)
   hf_eager     HF transformers eager, batch of B with a DynamicCache of S+W tokens (largest B only)
@@ -37,27 +37,20 @@ def sweep(model, L: int, batches: list[int], steps: int, bw: float) -> list[dict
         for _ in range(5):
             core.step()
         ms = C.time_decode_steps(core, steps)
-        bs = C.BatchedSampling(core)
-        for _ in range(2):
-            core.step()
-        ms_bs = C.time_decode_steps(core, steps)
-        bs.close()
         bucket = next(b for b in core.runner.gpu.buckets if b >= B)
         graph, _ = core.runner.gpu.graphs[bucket]
         dev = C.cuda_time_ms(graph.replay, reps=10)
         fl = C.floor_ms(wb, B * C.kv_bytes(a, L), bw)
-        row = dict(batch=B, step_ms=ms, tok_s=B / ms * 1e3, batched_sampling_step_ms=ms_bs,
-                   batched_sampling_tok_s=B / ms_bs * 1e3, device_ms=dev, device_tok_s=B / dev * 1e3,
+        row = dict(batch=B, step_ms=ms, tok_s=B / ms * 1e3, device_ms=dev, device_tok_s=B / dev * 1e3,
                    floor_ms=fl, floor_tok_s=B / fl * 1e3, bucket=bucket)
         row["of_floor"] = row["tok_s"] / row["floor_tok_s"]
-        row["batched_sampling_of_floor"] = row["batched_sampling_tok_s"] / row["floor_tok_s"]
         row["device_of_floor"] = row["device_tok_s"] / row["floor_tok_s"]
         rows.append(row)
         C.log("  ", {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
     for r in live:
         r.aborted = True
     core.step()
-    core = live = bs = r = None
+    core = live = r = None
     C.free()
     return rows
 
@@ -139,15 +132,14 @@ def main():
         C.free()
         C.save("many_sessions", results)
     for name, r in results["shapes"].items():
-        print(f"\n{name}, S+W={args.cache}: batch | tok/s | tok/s batched sampling | GPU-only tok/s | "
-              "floor tok/s | of floor | batched sampling of floor | GPU-only of floor")
+        print(f"\n{name}, S+W={args.cache}: batch | tok/s | GPU-only tok/s | floor tok/s | of floor | "
+              "GPU-only of floor")
         for x in r["sweep"]:
-            print(f"{x['batch']} | {x['tok_s']:.0f} | {x['batched_sampling_tok_s']:.0f} | {x['device_tok_s']:.0f} | "
-                  f"{x['floor_tok_s']:.0f} | {x['of_floor']:.2f} | {x['batched_sampling_of_floor']:.2f} | "
-                  f"{x['device_of_floor']:.2f}")
+            print(f"{x['batch']} | {x['tok_s']:.0f} | {x['device_tok_s']:.0f} | {x['floor_tok_s']:.0f} | "
+                  f"{x['of_floor']:.2f} | {x['device_of_floor']:.2f}")
         for x in r.get("fit_4096", []):
-            print(f"S+W=4096, {x['batch']} sessions (most that fit): {x['tok_s']:.0f} tok/s, batched sampling "
-                  f"{x['batched_sampling_tok_s']:.0f}, GPU-only {x['device_tok_s']:.0f}, floor {x['floor_tok_s']:.0f}")
+            print(f"S+W=4096, {x['batch']} sessions (most that fit): {x['tok_s']:.0f} tok/s, "
+                  f"GPU-only {x['device_tok_s']:.0f}, floor {x['floor_tok_s']:.0f}")
         if "hf_eager" in r:
             print("HF eager:", r["hf_eager"])
         print("capacity at 4096:", r["capacity_4096"])

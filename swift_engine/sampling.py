@@ -45,7 +45,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
             continue
         ids[i] = _sample_row(logits[i], p, generators[i])
     chosen = logprobs.gather(1, ids[:, None])[:, 0]
-    return ids.tolist(), chosen.tolist()
+    ids_host, lps_host = torch.stack([ids.double(), chosen.double()]).tolist()  # one device sync
+    return [int(t) for t in ids_host], lps_host
 
 
 def _sample_row(row: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:

@@ -34,7 +34,7 @@ class EngineCore:
         if not self.scheduler.can_ever_fit():
             raise CapacityError(f"num_pages={num_pages} cannot hold one session: it needs "
                                 f"{self.scheduler.reserve} pages of {config.page_size} tokens")
-        self.runner = ModelRunner(model, self.cache, config.max_batch_tokens)
+        self.runner = ModelRunner(model, self.cache, config.max_batch_tokens, backend=config.attention_backend)
         self.sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self.vocab_size = a.vocab_size
         self.tokens_generated = 0
@@ -143,8 +143,9 @@ class EngineCore:
             plans.append(self.cache.append(table, n))
             rows.append(self._logit_rows(req, n))
         logits = self.runner.run(chunks, plans, rows)
-        for (req, n), lg in zip(batch, logits):
-            self._advance(req, n, lg)
+        ready = [(req, lg[-1:]) for (req, n), lg in zip(batch, logits) if self._advance(req, n, lg)]
+        if ready:
+            self._sample(ready)
 
     def _start(self, req: Request) -> None:
         session = self.sessions[req.session_id]
@@ -159,7 +160,7 @@ class EngineCore:
         if req.kind == "score" and not replay and req.new_ids:
             req.logprobs.append(None)  # first token of a fresh session has no context
         if req.remaining == 0:
-            self._finish_prefill(req, None)
+            self._finish_feed(req)
 
     def _logit_rows(self, req: Request, n: int) -> list[int]:
         if req.kind == "generate":
@@ -169,7 +170,8 @@ class EngineCore:
             return [r for r in range(n) if req.fed + r >= first]
         return []
 
-    def _advance(self, req: Request, n: int, logits: torch.Tensor) -> None:
+    def _advance(self, req: Request, n: int, logits: torch.Tensor) -> bool:
+        """Account for n fed tokens; True when the request now needs a sampled token."""
         session = self.sessions[req.session_id]
         for i in range(req.fed, req.fed + n):
             if i >= req.n_replay:
@@ -179,8 +181,12 @@ class EngineCore:
         session.pending, session.needs_rebuild = None, False
         if req.kind == "score":
             req.logprobs += self._scored_logprobs(req, logits, n)
-        if req.remaining == 0:
-            self._finish_prefill(req, logits[-1:] if req.kind == "generate" else None)
+        if req.remaining > 0:
+            return False
+        if req.kind == "generate":
+            return True
+        self._finish_feed(req)
+        return False
 
     def _scored_logprobs(self, req: Request, logits: torch.Tensor, n: int) -> list[float]:
         start = max(req.n_replay - 1, 0)
@@ -189,11 +195,9 @@ class EngineCore:
         lp = torch.log_softmax(logits, dim=-1)
         return lp[torch.arange(len(rows)), torch.tensor(targets, dtype=torch.long)].tolist()
 
-    def _finish_prefill(self, req: Request, logits: torch.Tensor | None) -> None:
+    def _finish_feed(self, req: Request) -> None:
+        """A score or rebuild request has fed everything: complete it."""
         session = self.sessions[req.session_id]
-        if req.kind == "generate":
-            self._sample(req, session, logits)
-            return
         if req.kind == "score" and req.new_ids:
             session.see(req.new_ids[-1])
             session.pending = req.new_ids[-1]
@@ -203,10 +207,16 @@ class EngineCore:
             session.needs_rebuild = False
         self._complete(req, finish_reason="stop")
 
-    def _sample(self, req: Request, session: Session, logits: torch.Tensor) -> None:
-        p = req.sampling
-        ids, lps = sample(logits, [p], [req.generator])
-        tok, lp = ids[0], lps[0]
+    def _sample(self, ready: list[tuple[Request, torch.Tensor]]) -> None:
+        """One sampler pass (one device->host copy) for every request that needs a token."""
+        reqs = [req for req, _ in ready]
+        ids, lps = sample(torch.cat([lg for _, lg in ready]), [r.sampling for r in reqs],
+                          [r.generator for r in reqs])
+        for req, tok, lp in zip(reqs, ids, lps):
+            self._take_token(req, tok, lp)
+
+    def _take_token(self, req: Request, tok: int, lp: float) -> None:
+        p, session = req.sampling, self.sessions[req.session_id]
         session.see(tok)
         session.pending = tok
         req.output_ids.append(tok)

@@ -30,28 +30,14 @@ GRAPH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 64, 96, 128)
 
 
 # ---- plans -> page-level metadata ------------------------------------------------
-def plan_info(plan, page_size: int):
-    """(sink tokens, window tokens, sink pages, window pages, window start) after the append.
-
-    Reads page lists directly when the plan carries them (page-level plans), else
-    recovers them from the slot lists in O(pages).
-    """
-    if hasattr(plan, "window_pages"):
-        return plan.sink_len, plan.window_len, plan.sink_pages, plan.window_pages, plan.window_start
-    P = page_size
-    sink, window = plan.sink_slots, plan.window_slots
-    sink_pages = [s // P for s in sink[::P]]
-    if not window:
-        return len(sink), 0, sink_pages, [], 0
-    ws = window[0] % P
-    first = (P - ws) % P or P
-    window_pages = [window[0] // P] + [s // P for s in window[first::P]]
-    return len(sink), len(window), sink_pages, window_pages, ws
+def plan_info(plan: AppendPlan):
+    """(sink tokens, window tokens, sink pages, window pages, window start) after the append."""
+    return plan.sink_len, plan.window_len, plan.sink_pages, plan.window_pages, plan.window_start
 
 
-def decode_row(plan, page_size: int, window: int, row: int):
+def decode_row(plan: AppendPlan, window: int, row: int):
     """Decode metadata [n_vis, n_sinks, sink_pages, window_offset, slot, row] and the page list."""
-    ns, nw, sp, wp, ws = plan_info(plan, page_size)
+    ns, nw, sp, wp, ws = plan_info(plan)
     if plan.new_sinks:  # the token itself became a sink: it sees the sinks only
         n_vis, woff = ns, 0
     else:
@@ -60,8 +46,8 @@ def decode_row(plan, page_size: int, window: int, row: int):
     return (n_vis, ns, len(sp), woff, plan.write_slots[0], row), sp + wp
 
 
-def prefill_row(plan, page_size: int, start: int, n: int):
-    ns, nw, sp, wp, ws = plan_info(plan, page_size)
+def prefill_row(plan: AppendPlan, start: int, n: int):
+    ns, nw, sp, wp, ws = plan_info(plan)
     return (start, n, ns, plan.new_sinks, plan.old_window, len(sp), ws, 0), sp + wp
 
 
@@ -221,10 +207,9 @@ class GpuRunner:
     # -- decode: one token per session
     def _fill(self, chunks, plans, rows: int) -> bool:
         """Write ids + metadata of the step into self.host[:rows] (padding after). False if it won't fit."""
-        h = self.host
-        P, W = self.cache.P, self.cache.W
+        h, W = self.host, self.cache.W
         for i, (chunk, plan) in enumerate(zip(chunks, plans)):
-            meta, pages = decode_row(plan, P, W, i)
+            meta, pages = decode_row(plan, W, i)
             if len(pages) > self.maxp:
                 return False
             h[i, 0] = chunk[0]
@@ -248,7 +233,7 @@ class GpuRunner:
             self.stats["graph_steps"] += 1
             return out[:B].clone()
         self.stats["eager_decode_steps"] += 1
-        rows, pages = zip(*(decode_row(p, self.cache.P, self.cache.W, i) for i, p in enumerate(plans)))
+        rows, pages = zip(*(decode_row(p, self.cache.W, i) for i, p in enumerate(plans)))
         meta = np.zeros((B, ta.META_W), dtype=np.int32)
         meta[:, :6] = rows
         bt = np.zeros((B, max(1, max(len(p) for p in pages))), dtype=np.int32)
@@ -287,7 +272,7 @@ class GpuRunner:
     # -- prefill chunks (and any single-token sequences in the same step)
     def _mixed(self, chunks, plans, logit_rows):
         self.stats["mixed_steps"] += 1
-        P, W = self.cache.P, self.cache.W
+        W = self.cache.W
         bm = self.prefill_cfg["block_m"]
         T = sum(len(c) for c in chunks)
         slots = np.full(T, -1, dtype=np.int32)
@@ -300,11 +285,11 @@ class GpuRunner:
                 raise ValueError(f"chunk of {n} tokens exceeds max_batch_tokens={limit}")
             starts.append(start)
             if n == 1:
-                meta, pages = decode_row(plan, P, W, start)
+                meta, pages = decode_row(plan, W, start)
                 dec_rows.append(meta)
                 dec_pages.append(pages)
             else:
-                meta, pages = prefill_row(plan, P, start, n)
+                meta, pages = prefill_row(plan, start, n)
                 slots[start:start + n] = plan.write_slots
                 qblocks += [(len(pre_rows), j0) for j0 in range(0, n, bm)]
                 pre_rows.append(meta)
