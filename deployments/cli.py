@@ -14,7 +14,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="swiftserve", description="StreamingLLM chat serving")
     sub = ap.add_subparsers(dest="cmd", required=True)
     chat = sub.add_parser("chat", help="interactive chat: on the engine alone (--model) or a server (--url)")
-    chat.add_argument("--model", default="tiny", help="HF checkpoint dir or hub id, or 'tiny'")
+    chat.add_argument("--model", default="swiftserve-llama-7m",
+                      help="HF checkpoint dir, hub id, a bundled checkpoint's name, or 'tiny' (random weights)")
     chat.add_argument("--url", help="base URL of a running swiftserve, e.g. http://127.0.0.1:8000")
     chat.add_argument("--device", default="cpu")
     chat.add_argument("--sink-tokens", type=int, default=4)

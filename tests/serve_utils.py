@@ -4,18 +4,31 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
+import yaml
 from ray import serve
 
 from deployments.app import app_from_config
 from tests.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+LOCAL_CONFIG = ROOT / "configs" / "local.yaml"
+TINY_MODEL_ID = "swiftserve-tiny"
+
+
+def local_app_spec() -> dict:
+    """The local config's application with the tiny random-weight model in place of the bundled
+    trained one: serving tests exercise serving, and the tiny model keeps them fast on 2 cores."""
+    spec = yaml.safe_load(LOCAL_CONFIG.read_text())["applications"][0]
+    spec["args"]["model_id"] = TINY_MODEL_ID
+    spec["args"]["engine"]["model"] = "tiny"
+    return spec
 
 
 @contextmanager
-def running_app(config_path: Path = ROOT / "configs" / "local.yaml", args_update: dict | None = None):
-    """serve.run the config's app (args updated) on a free port; yields the base URL."""
-    app, _ = app_from_config(config_path, args_update)
+def running_app(args_update: dict | None = None):
+    """serve.run the local app (tiny model, args updated) on a free port; yields the base URL."""
+    tiny = {k: local_app_spec()["args"][k] for k in ("model_id", "engine")}
+    app, _ = app_from_config(LOCAL_CONFIG, {**tiny, **(args_update or {})})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(app, name="swiftserve", route_prefix="/")
@@ -25,7 +38,7 @@ def running_app(config_path: Path = ROOT / "configs" / "local.yaml", args_update
         serve.shutdown()
 
 
-async def stream_turn(client, sid: str, history: list[dict], max_tokens: int = 6, model: str = "swiftserve-tiny"):
+async def stream_turn(client, sid: str, history: list[dict], max_tokens: int = 6, model: str = TINY_MODEL_ID):
     """Stream one greedy chat turn with the openai client; returns (headers, text, usage or None)."""
     async with client.chat.completions.with_streaming_response.create(
             model=model, messages=history, stream=True, max_tokens=max_tokens, temperature=0.0,

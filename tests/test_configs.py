@@ -34,3 +34,37 @@ def test_bad_engine_values_name_the_field(bad, field):
 def test_bad_store_url_names_the_field():
     with pytest.raises(ValidationError, match="store_url"):
         AppArgs(store_url="mysql://x")
+
+
+TEXT = ("In the beginning God created the heaven and the earth. And the earth was without form, and void; "
+        "and darkness was upon the face of the deep. The function returns a list of the values in the "
+        "dictionary, and raises a KeyError when the key is not found.")
+
+
+def test_local_default_serves_the_bundled_trained_model():
+    """configs/local.yaml names the bundled reference checkpoint; it loads, matches HF transformers,
+    and is trained (English text scores far below the uniform perplexity of its 4096-token vocabulary)."""
+    import math
+
+    import torch
+    import transformers
+
+    from swift_engine import StreamingEngine
+    from swift_engine.models.loader import bundled_models, resolve_model_dir
+
+    args = AppArgs.model_validate(yaml.safe_load((CONFIGS / "local.yaml").read_text())["applications"][0]["args"])
+    assert args.engine.model in bundled_models() and args.model_id == args.engine.model
+    engine = StreamingEngine(args.engine.model_copy(update={"num_pages": 64}), progress=False)
+    try:
+        ids = [engine.tokenizer.hf.bos_token_id] + engine.tokenizer.encode(TEXT)
+        logprobs = engine.score_sync("s", ids)[1:]
+        ppl = math.exp(-sum(logprobs) / len(logprobs))
+        assert ppl < 200, f"perplexity {ppl:.0f}: the bundled weights look untrained"
+        hf = transformers.AutoModelForCausalLM.from_pretrained(resolve_model_dir(args.engine.model),
+                                                               torch_dtype=torch.float32)
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0, :-1].float(), -1)
+        ref_lp = ref.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(logprobs), ref_lp, atol=1e-4)
+    finally:
+        engine.shutdown()

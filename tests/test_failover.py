@@ -13,7 +13,6 @@ from tests.redis_server import redis_server
 from tests.serve_utils import running_app, stream_turn
 
 pytestmark = [pytest.mark.ray, pytest.mark.redis]
-MODEL = "swiftserve-tiny"
 
 
 @pytest.fixture(scope="module")

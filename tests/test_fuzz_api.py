@@ -16,9 +16,9 @@ from schemathesis.specs.openapi.checks import (content_type_conformance, respons
 
 from deployments.openai_schema import SESSION_ID_MAX, ChatCompletionRequest, CompletionRequest
 from swift_engine.sampling import make_generator, sample
-from tests.serve_utils import running_app
+from tests.serve_utils import TINY_MODEL_ID as MODEL, running_app
 
-MODEL = "swiftserve-tiny"
+
 KEY = "fuzz-key-0123456789abcdef"
 AUTH = {"authorization": f"Bearer {KEY}"}
 EXAMPLES = int(os.environ.get("SWIFTSERVE_FUZZ_EXAMPLES", "20"))  # per operation and mode

@@ -1048,8 +1048,10 @@ def test_model_weights_come_from_a_pvc_or_the_hub(docs, overlay):
         claim = one(docs, "PersistentVolumeClaim", vol["persistentVolumeClaim"]["claimName"])
         assert "ReadWriteMany" in claim["spec"]["accessModes"], "shared by all workers"
         assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"]
-    else:
-        assert engine.get("model", "tiny") == "tiny"
+    else:  # the model bundled in the image's swift_engine package
+        from swift_engine.models.loader import bundled_models
+
+        assert engine["model"] in bundled_models()
 
 
 # --------------------------------------------------------------------------

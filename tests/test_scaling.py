@@ -1,18 +1,16 @@
 """Scale LLMServer 2 -> 3 mid-traffic the way `serve deploy`/KubeRay do (a config change):
 our router moves no active session; Ray's ConsistentHashRouter in the same harness is measured beside it."""
 import asyncio
-import copy
 import time
 
 import openai
 import pytest
-import yaml
 from ray import serve
 from ray.serve.context import _get_global_client
 from ray.serve.schema import ServeDeploySchema
 
 from tests.redis_server import free_port
-from tests.serve_utils import ROOT, stream_turn
+from tests.serve_utils import local_app_spec, stream_turn
 
 pytestmark = pytest.mark.ray
 OURS = "routing.router:SessionAffinityRouter"
@@ -20,7 +18,7 @@ RAYS = "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter"
 
 
 def app_spec(replicas: int, router: str) -> dict:
-    spec = copy.deepcopy(yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())["applications"][0])
+    spec = local_app_spec()
     server = next(d for d in spec["deployments"] if d["name"] == "LLMServer")
     server["num_replicas"] = replicas
     server["request_router_config"]["request_router_class"] = router

@@ -17,7 +17,6 @@ import httpx
 import openai
 import pytest
 import ray
-import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -29,9 +28,8 @@ from deployments.store_factory import make_store
 from routing.redis_store import RedisSessionStore
 from routing.store import StoreAuthError, StoreUnavailableError, record_key
 from tests.redis_server import REDIS_SERVER, free_port, redis_server
-from tests.serve_utils import ROOT, running_app, stream_turn
+from tests.serve_utils import TINY_MODEL_ID as MODEL, local_app_spec, running_app, stream_turn
 
-MODEL = "swiftserve-tiny"
 TENANTS = ("alpha", "beta", "size", "conc", "rate", "logs")
 KEYS = {t: f"{t}-key-{secrets.token_hex(12)}" for t in TENANTS}
 REDIS_PASSWORD = f"redis-pw-{secrets.token_hex(12)}"
@@ -226,7 +224,7 @@ def app(ray_local, tmp_path_factory):
     lines = [f"{t}:sha256:{hashlib.sha256(k.encode()).hexdigest()}" if t == "beta" else f"{t}:{k}"
              for t, k in KEYS.items()]
     keys.write_text("# tenant:key\n" + "\n".join(lines) + "\n")
-    local = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())["applications"][0]["args"]
+    local = local_app_spec()["args"]
     with redis_server(password=REDIS_PASSWORD) as redis:
         update = {"store_url": redis.url, "store_key_prefix": "sec", "api_keys_file": str(keys), "limits": LIMITS,
                   "engine": {**local["engine"], "max_prompt_tokens": MAX_PROMPT_TOKENS}}

@@ -8,10 +8,9 @@ from ray import serve
 
 from deployments.protocol import ChatRequest
 from swift_engine import SamplingParams
-from tests.serve_utils import running_app, stream_turn
+from tests.serve_utils import TINY_MODEL_ID as MODEL, running_app, stream_turn
 
 pytestmark = pytest.mark.ray
-MODEL = "swiftserve-tiny"
 
 
 @pytest.fixture(scope="module")

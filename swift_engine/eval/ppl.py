@@ -24,7 +24,7 @@ Prints a table, writes ``<out>/<name>.json`` (per run: perplexity, bucketed curv
 ``<out>/<name>.png`` (perplexity vs tokens seen, one panel per cache size; below it, the ratio to
 recompute on the same positions).
 
-    swiftserve eval ppl --model models/swiftserve-llama-3m --text .corpus/heldout.txt \\
+    swiftserve eval ppl --model swiftserve-llama-7m --text .corpus/heldout.txt \\
         --max-tokens 100000 --cache 256 512 --sinks 4 --sink-sweep 0 1 2 4 8 --out benchmarks/results/quality
 """
 from __future__ import annotations
@@ -422,7 +422,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="swiftserve eval ppl", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n".join(__doc__.split("\n")[1:]))
-    ap.add_argument("--model", default="tiny", help="HF checkpoint dir, hub id, or 'tiny'")
+    ap.add_argument("--model", default="swiftserve-llama-7m",
+                    help="HF checkpoint dir, hub id, a bundled checkpoint's name, or 'tiny'")
     ap.add_argument("--text", type=Path, required=True, help="UTF-8 text file to stream")
     ap.add_argument("--max-tokens", type=int, default=100_000, help="tokens of the text to use (BOS included)")
     ap.add_argument("--no-bos", action="store_true", help="don't put the tokenizer's BOS first")

@@ -13,7 +13,7 @@ gradient clipping 1.0, bf16 autocast (CPU and CUDA; `--amp off` for fp32).
 Self-contained on purpose (imports torch, numpy, safetensors, transformers only; never the
 `swift_engine` package, so it runs on a bare GPU box): run it as a script,
 
-    python swift_engine/eval/train.py --data .corpus --out models/swiftserve-llama-7m --minutes 20
+    python swift_engine/eval/train.py --data .corpus --out /tmp/swiftserve-llama-7m --minutes 20
 
 `--minutes` sets the step count from the measured speed of the first steps (the log records the
 count; pass `--steps N` to replay the same schedule). `--device cuda --compile` on a GPU.

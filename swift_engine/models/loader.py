@@ -11,8 +11,16 @@ from tqdm import tqdm
 from .llama import CausalLM, ModelArgs
 
 
+BUNDLED = Path(__file__).resolve().parent / "checkpoints"  # trained reference models shipped in the package
+
+
+def bundled_models() -> list[str]:
+    return sorted(p.name for p in BUNDLED.iterdir() if (p / "config.json").is_file()) if BUNDLED.is_dir() else []
+
+
 def resolve_model_dir(model: str) -> Path:
-    """A local directory as is; "tiny" -> the embedded default; else a hub id (downloaded)."""
+    """A local directory as is; "tiny" -> the random-weight tiny model; a bundled checkpoint's name
+    (`swiftserve-llama-7m`) -> its folder in the package; else a hub id (downloaded)."""
     if model == "tiny":
         from .tiny import ensure_tiny_checkpoint
 
@@ -20,6 +28,8 @@ def resolve_model_dir(model: str) -> Path:
     path = Path(model).expanduser()
     if path.is_dir():
         return path
+    if model in bundled_models():
+        return BUNDLED / model
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(
