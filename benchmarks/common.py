@@ -170,6 +170,18 @@ def time_decode_steps(core: EngineCore, steps: int) -> float:
     return (time.perf_counter() - t) / steps * 1e3
 
 
+def dense_forward_ms(hf, ids: list[int], reps: int, warmup: int) -> float:
+    """Device time of one dense SDPA forward over `ids` (no cache, last logits only): the
+    sliding-window-recompute step and the dense-prefill baseline."""
+    x = torch.tensor([ids], device="cuda")
+    set_attn(hf, "sdpa")
+
+    def forward():
+        with torch.no_grad():
+            hf(input_ids=x, use_cache=False, logits_to_keep=1)
+    return cuda_time_ms(forward, reps=reps, warmup=warmup)
+
+
 def hf_sharing(model, hf_cfg: dict, attn: str = "eager"):
     """A transformers LlamaForCausalLM whose parameters are our model's tensors (no copy)."""
     import transformers

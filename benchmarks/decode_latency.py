@@ -65,16 +65,6 @@ def hf_eager_ms(hf, L: int, steps: int, vocab: int) -> float:
     return statistics.median(times)
 
 
-def recompute_ms(hf, L: int, reps: int, vocab: int) -> float:
-    ids = torch.tensor([C.random_ids(L, vocab, 9)], device="cuda")
-    C.set_attn(hf, "sdpa")
-
-    def step():
-        with torch.no_grad():
-            hf(input_ids=ids, use_cache=False, logits_to_keep=1).logits[0, -1].argmax().item()
-    return C.cuda_time_ms(step, reps=reps, warmup=2)
-
-
 def run_shape(name: str, args, bw: float) -> dict:
     C.log(f"== {name}")
     model = C.make_model(name)
@@ -101,7 +91,7 @@ def run_shape(name: str, args, bw: float) -> dict:
         if not args.no_hf:
             row["hf_eager_ms"] = hf_eager_ms(hf, L, args.hf_steps, a.vocab_size)
             C.free()
-            row["recompute_ms"] = recompute_ms(hf, L, args.recompute_reps, a.vocab_size)
+            row["recompute_ms"] = C.dense_forward_ms(hf, C.random_ids(L, a.vocab_size, 9), args.recompute_reps, 2)
             C.free()
             row["hf_over_ours"] = row["hf_eager_ms"] / row["ours_ms"]
             row["recompute_over_ours"] = row["recompute_ms"] / row["ours_ms"]

@@ -14,6 +14,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 
+def finish(ax, xlabel: str, ylabel: str, title: str, log: bool = False) -> None:
+    """Axis labels, grid and legend shared by every plot; `log`: log-log axes (x base 2)."""
+    if log:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both" if log else "major", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def load(d: Path, name: str):
     p = d / f"{name}.json"
     return json.loads(p.read_text()) if p.exists() else None
@@ -34,14 +46,9 @@ def decode_latency(d: Path, r: dict) -> None:
             ys = row(key)
             if any(y is not None for y in ys):
                 ax.plot(xs, ys, style, label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        finish(ax, "cache tokens (S + W)", "ms per token, batch 1", f"{name}, bf16, {r['env'].get('gpu', '')}",
+               log=True)
         ax.set_xticks(xs, [str(x) for x in xs])
-        ax.set_xlabel("cache tokens (S + W)")
-        ax.set_ylabel("ms per token, batch 1")
-        ax.set_title(f"{name}, bf16, {r['env'].get('gpu', '')}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(d / "decode_latency.png", dpi=120)
 
@@ -57,11 +64,7 @@ def many_sessions(d: Path, r: dict) -> None:
         hf = s.get("hf_eager")
         if hf and "tok_s" in hf:
             ax.plot([hf["batch"]], [hf["tok_s"]], "o", label="HF transformers eager")
-        ax.set_xlabel("sessions decoding together")
-        ax.set_ylabel("tokens / s")
-        ax.set_title(f"{name}, S+W={r['cache_tokens']}, bf16")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        finish(ax, "sessions decoding together", "tokens / s", f"{name}, S+W={r['cache_tokens']}, bf16")
     fig.tight_layout()
     fig.savefig(d / "many_sessions.png", dpi=120)
 
@@ -72,13 +75,7 @@ def streaming_prefill(d: Path, r: dict) -> None:
     ax.plot([x["tokens"] for x in rows], [x["ours_ms"] for x in rows], "^-", label=f"swiftserve, S+W={r['S'] + r['W']}")
     dn = [x for x in rows if x.get("dense_sdpa_ms")]
     ax.plot([x["tokens"] for x in dn], [x["dense_sdpa_ms"] for x in dn], "o-", label="dense SDPA prefill (HF)")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("input tokens")
-    ax.set_ylabel("ms to first token")
-    ax.set_title(f"{r['shape']}, bf16")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    finish(ax, "input tokens", "ms to first token", f"{r['shape']}, bf16", log=True)
     fig.tight_layout()
     fig.savefig(d / "streaming_prefill.png", dpi=120)
 

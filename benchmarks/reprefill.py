@@ -41,16 +41,6 @@ def ttft_once(core, prompt: list[int], sid: str = "r") -> float:
     return (time.perf_counter() - t) * 1e3
 
 
-def hf_dense_ms(hf, L: int, vocab: int) -> float:
-    ids = torch.tensor([C.random_ids(L, vocab, 5)], device="cuda")
-    C.set_attn(hf, "sdpa")
-
-    def f():
-        with torch.no_grad():
-            hf(input_ids=ids, use_cache=False, logits_to_keep=1)
-    return C.cuda_time_ms(f, reps=5, warmup=2)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", nargs="+", default=["llama2-7b", "llama3-8b"])
@@ -82,7 +72,7 @@ def main():
                 if hf is None:
                     hf = C.hf_sharing(model, C.SHAPES[name], "sdpa")
                 if L not in dense:
-                    dense[L] = hf_dense_ms(hf, L, a.vocab_size)
+                    dense[L] = C.dense_forward_ms(hf, C.random_ids(L, a.vocab_size, 5), 5, 2)
                 row["hf_sdpa_dense_ms"] = dense[L]
                 rows.append(row)
                 C.log("  ", {k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()})

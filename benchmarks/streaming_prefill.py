@@ -29,15 +29,6 @@ def ours_ms(core, ids, sid) -> float:
     return ms
 
 
-def dense_ms(hf, ids) -> float:
-    x = torch.tensor([ids], device="cuda")
-
-    def f():
-        with torch.no_grad():
-            hf(input_ids=x, use_cache=False, logits_to_keep=1)
-    return C.cuda_time_ms(f, reps=2, warmup=1)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="llama2-7b")
@@ -58,7 +49,7 @@ def main():
         row["ours_tok_s"] = n / row["ours_ms"] * 1e3
         if n <= args.dense_max:
             try:
-                row["dense_sdpa_ms"] = dense_ms(hf, ids)
+                row["dense_sdpa_ms"] = C.dense_forward_ms(hf, ids, 2, 1)
                 row["dense_over_ours"] = row["dense_sdpa_ms"] / row["ours_ms"]
             except torch.OutOfMemoryError:
                 row["dense_sdpa_ms"] = None

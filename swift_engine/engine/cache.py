@@ -19,6 +19,11 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def slot_of(pages, index: int, page_size: int) -> int:
+    """The pool slot of a page table's `index`-th token."""
+    return pages[index // page_size] * page_size + index % page_size
+
+
 @dataclass
 class PageTable:
     sink_pages: list[int] = field(default_factory=list)
@@ -57,13 +62,12 @@ class AppendPlan:
 
     @property
     def sink_slots(self) -> list[int]:
-        P = self.page_size
-        return [self.sink_pages[i // P] * P + i % P for i in range(self.sink_len)]
+        return [slot_of(self.sink_pages, i, self.page_size) for i in range(self.sink_len)]
 
     @property
     def window_slots(self) -> list[int]:
-        P, start = self.page_size, self.window_start
-        return [self.window_pages[(start + i) // P] * P + (start + i) % P for i in range(self.window_len)]
+        start = self.window_start
+        return [slot_of(self.window_pages, start + i, self.page_size) for i in range(self.window_len)]
 
 
 class SinkWindowCache:
@@ -115,18 +119,15 @@ class SinkWindowCache:
         table.sink_pages, table.window_pages = [], deque()
         table.sink_len = table.window_len = table.window_start = 0
 
-    def _slot(self, pages, index: int) -> int:
-        return pages[index // self.P] * self.P + index % self.P
-
     def _push_sink(self, table: PageTable) -> int:
         if table.sink_len == len(table.sink_pages) * self.P:
             table.sink_pages.append(self.free.popleft())
         table.sink_len += 1
-        return self._slot(table.sink_pages, table.sink_len - 1)
+        return slot_of(table.sink_pages, table.sink_len - 1, self.P)
 
     def _push_window(self, table: PageTable) -> int:
         index = table.window_start + table.window_len
         if index == len(table.window_pages) * self.P:
             table.window_pages.append(self.free.popleft())
         table.window_len += 1
-        return self._slot(table.window_pages, index)
+        return slot_of(table.window_pages, index, self.P)

@@ -30,25 +30,20 @@ GRAPH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 64, 96, 128)
 
 
 # ---- plans -> page-level metadata ------------------------------------------------
-def plan_info(plan: AppendPlan):
-    """(sink tokens, window tokens, sink pages, window pages, window start) after the append."""
-    return plan.sink_len, plan.window_len, plan.sink_pages, plan.window_pages, plan.window_start
-
-
 def decode_row(plan: AppendPlan, window: int, row: int):
     """Decode metadata [n_vis, n_sinks, sink_pages, window_offset, slot, row] and the page list."""
-    ns, nw, sp, wp, ws = plan_info(plan)
+    ns, nw = plan.sink_len, plan.window_len
     if plan.new_sinks:  # the token itself became a sink: it sees the sinks only
         n_vis, woff = ns, 0
     else:
         nwv = min(nw, window)
-        n_vis, woff = ns + nwv, ws + nw - nwv
-    return (n_vis, ns, len(sp), woff, plan.write_slots[0], row), sp + wp
+        n_vis, woff = ns + nwv, plan.window_start + nw - nwv
+    return (n_vis, ns, len(plan.sink_pages), woff, plan.write_slots[0], row), plan.sink_pages + plan.window_pages
 
 
 def prefill_row(plan: AppendPlan, start: int, n: int):
-    ns, nw, sp, wp, ws = plan_info(plan)
-    return (start, n, ns, plan.new_sinks, plan.old_window, len(sp), ws, 0), sp + wp
+    return ((start, n, plan.sink_len, plan.new_sinks, plan.old_window, len(plan.sink_pages), plan.window_start, 0),
+            plan.sink_pages + plan.window_pages)
 
 
 # ---- fused forward --------------------------------------------------------------

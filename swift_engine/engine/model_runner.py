@@ -39,14 +39,15 @@ class ModelRunner:
         self.model, self.cache = model, cache
         self.device = model.lm_head.weight.device
         inv_freq = inv_frequencies(a.head_dim, a.rope_theta, a.rope_scaling)
-        self.rope = RotaryTable(inv_freq, cache.S + cache.W + max_batch_tokens + 1, self.device,
-                                model.lm_head.weight.dtype)
         self.backend = select_backend(backend, model, self.device)
-        self.gpu = None
-        if self.backend == "triton":
+        self.gpu = self.rope = None
+        if self.backend == "triton":  # keeps its own float32 cos/sin tables
             from .cuda_graphs import GpuRunner
 
             self.gpu = GpuRunner(model, cache, max_batch_tokens, inv_freq, graphs=cuda_graphs)
+        else:
+            self.rope = RotaryTable(inv_freq, cache.S + cache.W + max_batch_tokens + 1, self.device,
+                                    model.lm_head.weight.dtype)
 
     @torch.no_grad()
     def run(self, chunks: list[list[int]], plans: list[AppendPlan],
