@@ -1,11 +1,13 @@
-"""OpenAI request bodies we accept (a compatible subset plus `session_id`, `top_k`, `ignore_eos`), and errors."""
+"""OpenAI request bodies we accept (a compatible subset plus vLLM's `top_k`, `min_p`, `repetition_penalty`,
+`ignore_eos` and our `session_id`), and errors. Known OpenAI fields we do not implement are a 400 naming the
+field; unknown fields are ignored, as vLLM does."""
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, ValidationInfo
 
-from swift_engine.sampling import SamplingParams
+from swift_engine import SamplingParams
 
 SAMPLING_EPS = 1e-5  # as vLLM: a lower temperature is greedy, a lower top_p keeps the top token only
 SESSION_ID_MAX = 200  # leaves room for the tenant prefix within the store's 256 characters
@@ -20,6 +22,15 @@ def _utf8(text: str) -> str:
 Text = Annotated[str, AfterValidator(_utf8)]
 SessionId = Annotated[str, StringConstraints(min_length=1, max_length=SESSION_ID_MAX, pattern=SESSION_ID_PATTERN),
                       AfterValidator(_utf8)]
+
+
+def _unsupported(*neutral) -> Any:
+    """A known OpenAI field this server does not implement: a 400 naming it, unless it asks for nothing."""
+    def reject(v):
+        if v not in neutral:
+            raise ValueError("this server does not support this field")
+        return v
+    return Annotated[Any, AfterValidator(reject)]
 
 
 class ContentPart(BaseModel):
@@ -53,8 +64,13 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)
     stop: Text | list[Text] | None = None
     n: int = Field(1, ge=1, le=1, description="one choice per request")
-    logprobs: bool = False
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = None
     ignore_eos: bool = False
+    response_format: _unsupported(None, {"type": "text"}) = None
     session_id: SessionId | None = None
 
     @field_validator("stop")
@@ -69,16 +85,48 @@ class SamplingFields(BaseModel):
         # tiny values would overflow float32 in the sampler and fail the replica's whole batch
         return SamplingParams(max_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
                               temperature=self.temperature if self.temperature >= SAMPLING_EPS else 0.0,
-                              top_p=max(self.top_p, SAMPLING_EPS), top_k=self.top_k, seed=self.seed,
+                              top_p=max(self.top_p, SAMPLING_EPS), top_k=self.top_k, min_p=self.min_p,
+                              seed=self.seed, presence_penalty=self.presence_penalty,
+                              frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
+                              logit_bias=self.logit_bias or {}, top_logprobs=self.top_alternatives,
                               stop=self.stop or [], ignore_eos=self.ignore_eos)
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: _unsupported(None, []) = None
+    tool_choice: _unsupported(None, "none") = None
+    functions: _unsupported(None, []) = None
+    function_call: _unsupported(None, "none") = None
+    audio: _unsupported(None) = None
+    modalities: _unsupported(None, ["text"]) = None
+    prediction: _unsupported(None) = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, v, info: ValidationInfo):
+        if v and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return v
+
+    @property
+    def top_alternatives(self) -> int:
+        return self.top_logprobs or 0
 
 
 class CompletionRequest(SamplingFields):
     prompt: Text = Field(min_length=1)
+    # OpenAI's completions take an integer here: how many top alternatives to return per token (0-5)
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: _unsupported(None, False) = None
+    suffix: _unsupported(None, "") = None
+    best_of: _unsupported(None, 1) = None
+
+    @property
+    def top_alternatives(self) -> int:
+        return self.logprobs or 0
 
 
 class ErrorDetail(BaseModel):

@@ -25,6 +25,7 @@ class GenerationEvent:
     token_id: int | None = None
     text: str = ""
     logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None  # (token id, log-prob), most likely first, when asked
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     usage: Usage | None = None
     # score requests: log-probability of each scored token (None where no context)

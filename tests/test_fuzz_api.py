@@ -1,6 +1,7 @@
 """Fuzzing: schemathesis against the running app's own OpenAPI schema, hypothesis against the request models."""
 import os
 from collections import Counter
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -15,7 +16,7 @@ from schemathesis.specs.openapi.checks import (content_type_conformance, respons
                                                status_code_conformance)
 
 from deployments.openai_schema import SESSION_ID_MAX, ChatCompletionRequest, CompletionRequest
-from swift_engine.sampling import make_generator, sample
+from swift_engine.sampling import Sampler
 from tests.serve_utils import TINY_MODEL_ID as MODEL, running_app
 
 
@@ -85,7 +86,11 @@ valid_chat = st.fixed_dictionaries(
               "stop": st.lists(st.text(min_size=1, max_size=5), max_size=4) | st.text(min_size=1, max_size=5),
               "session_id": st.text(st.characters(min_codepoint=32, exclude_characters="\x7f"), min_size=1,
                                     max_size=SESSION_ID_MAX),
-              "logprobs": st.booleans(), "ignore_eos": st.booleans(), "unknown_field": json_values})
+              "logprobs": st.booleans(), "ignore_eos": st.booleans(), "unknown_field": json_values,
+              "min_p": st.floats(0, 1), "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2),
+              "repetition_penalty": st.floats(0, 10, exclude_min=True),
+              "logit_bias": st.dictionaries(st.integers(0, 63), st.floats(-100, 100), max_size=3),
+              "tools": st.just([]), "response_format": st.just({"type": "text"})})
 
 
 @settings(max_examples=200, deadline=None)
@@ -96,7 +101,11 @@ def test_valid_chat_bodies_make_sampling_the_engine_can_run(body, logits_seed):
     assert params.max_tokens == body.get("max_tokens", 256)
     assert len(params.stop) <= 4 and len(req.messages) == len(body["messages"])
     logits = 30 * torch.randn(2, 64, generator=torch.Generator().manual_seed(logits_seed))
-    ids, _ = sample(logits, [params, params], [make_generator(params, torch.device("cpu"))] * 2)
+    sampler = Sampler(64, torch.device("cpu"))
+    rows = [SimpleNamespace(sampling=params, output_ids=[3] * i, seed=0, logit_state=None) for i in range(2)]
+    for r in rows:
+        sampler.prepare(r)
+    ids = sampler.sample(logits, rows, context=lambda r: [1, 2]).ids
     assert all(0 <= i < 64 for i in ids)
 
 
@@ -118,7 +127,10 @@ def test_arbitrary_bodies_parse_or_raise_validation_error(body):
                                     ("session_id", "x" * (SESSION_ID_MAX + 1)), ("session_id", "a\nb"),
                                     ("messages", []), ("messages", [{"role": "robot", "content": "x"}]),
                                     ("messages", [{"role": "user", "content": "\ud800"}]), ("stop", "\udc00"),
-                                    ("session_id", "\udbff"), ("seed", 2**63), ("seed", -2**63 - 1)]))
+                                    ("session_id", "\udbff"), ("seed", 2**63), ("seed", -2**63 - 1),
+                                    ("logit_bias", {"5": 101}), ("presence_penalty", 2.5), ("min_p", 1.5),
+                                    ("top_logprobs", 21), ("tools", [{"type": "function"}]),
+                                    ("response_format", {"type": "json_object"}), ("tool_choice", "auto")]))
 def test_out_of_range_fields_are_rejected(body, bad):
     with pytest.raises(ValidationError):
         ChatCompletionRequest.model_validate({**body, bad[0]: bad[1]})

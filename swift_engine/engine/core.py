@@ -13,7 +13,7 @@ from ..config import EngineConfig
 from ..errors import CapacityError, HistoryMismatchError, InvalidRequestError, SessionBusyError, UnknownSessionError
 from ..models.llama import CausalLM
 from ..outputs import SessionSnapshot, Usage
-from ..sampling import make_generator, sample
+from ..sampling import Sampler
 from ..tokenizer import ChatTokenizer, IncrementalDetokenizer, StopStringMatcher
 from .cache import SinkWindowCache
 from .model_runner import ModelRunner
@@ -35,6 +35,7 @@ class EngineCore:
             raise CapacityError(f"num_pages={num_pages} cannot hold one session: it needs "
                                 f"{self.scheduler.reserve} pages of {config.page_size} tokens")
         self.runner = ModelRunner(model, self.cache, config.max_batch_tokens, backend=config.attention_backend)
+        self.sampler = Sampler(a.vocab_size, self.runner.device)
         self.sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self.vocab_size = a.vocab_size
         self.tokens_generated = 0
@@ -61,7 +62,7 @@ class EngineCore:
                                       f"(max_prompt_tokens) is {self.config.max_prompt_tokens}")
         if req.kind == "generate":
             p = req.sampling
-            req.generator = make_generator(p, self.runner.device)
+            self.sampler.prepare(req)
             req.detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer else None
             req.stopper = StopStringMatcher(p.stop)
         self.sessions[req.session_id] = session
@@ -210,12 +211,12 @@ class EngineCore:
     def _sample(self, ready: list[tuple[Request, torch.Tensor]]) -> None:
         """One sampler pass (one device->host copy) for every request that needs a token."""
         reqs = [req for req, _ in ready]
-        ids, lps = sample(torch.cat([lg for _, lg in ready]), [r.sampling for r in reqs],
-                          [r.generator for r in reqs])
-        for req, tok, lp in zip(reqs, ids, lps):
-            self._take_token(req, tok, lp)
+        out = self.sampler.sample(torch.cat([lg for _, lg in ready]), reqs,
+                                  context=lambda r: self.sessions[r.session_id].retained())
+        for req, tok, lp, top in zip(reqs, out.ids, out.logprobs, out.top):
+            self._take_token(req, tok, lp, top)
 
-    def _take_token(self, req: Request, tok: int, lp: float) -> None:
+    def _take_token(self, req: Request, tok: int, lp: float, top: list[tuple[int, float]] | None) -> None:
         p, session = req.sampling, self.sessions[req.session_id]
         session.see(tok)
         session.pending = tok
@@ -230,13 +231,13 @@ class EngineCore:
         elif len(req.output_ids) >= p.max_tokens:
             reason = "length"
         else:
-            req.emit(req.event(token_id=tok, text=delta, logprob=lp))
+            req.emit(req.event(token_id=tok, text=delta, logprob=lp, top_logprobs=top))
             req.phase, req.feed, req.fed, req.n_replay = "decode", [tok], 0, 1
             return
         tail = "" if hit_stop else req.stopper.flush()
         req.text += tail
         session.open_turn = not is_eos
-        self._complete(req, finish_reason=reason, token_id=tok, text=delta + tail, logprob=lp)
+        self._complete(req, finish_reason=reason, token_id=tok, text=delta + tail, logprob=lp, top_logprobs=top)
 
     def _complete(self, req: Request, finish_reason: str, **kw) -> None:
         session = self.sessions[req.session_id]

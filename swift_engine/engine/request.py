@@ -4,10 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
-import torch
-
 from ..outputs import GenerationEvent
-from ..sampling import SamplingParams
+from ..sampling import LogitState, SamplingParams
 from ..tokenizer import IncrementalDetokenizer, StopStringMatcher
 
 Kind = Literal["generate", "score", "rebuild"]
@@ -33,7 +31,8 @@ class Request:
     text: str = ""
     detok: IncrementalDetokenizer | None = None
     stopper: StopStringMatcher | None = None
-    generator: torch.Generator | None = None
+    seed: int = 0                            # the sampler's noise key (drawn when sampling has no seed)
+    logit_state: LogitState | None = None    # the sampler's bias/penalty tensors
     # score
     logprobs: list[float | None] = field(default_factory=list)
 
