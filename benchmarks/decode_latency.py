@@ -13,14 +13,16 @@ For each cache size S+W (256 ... 4096), in one run:
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
 import common as C
 import torch
 
+from swift_engine.engine import gpu_runner as gr
 from swift_engine.layers import triton_attention as ta
+from swift_engine.layers import triton_ops as ops
+from swift_engine.layers.rotary import RotaryTable, inv_frequencies
 
 SIZES = [256, 512, 1024, 2048, 4096]
 S = 4
@@ -160,9 +162,9 @@ def lab_gemv(model) -> list[dict]:
                     fn = lambda: [torch.nn.functional.linear(x, w) for w in ws]
                     label = "cublas"
                 else:
-                    got = ta.gemv(x, ws[0], **v).float()
+                    got = ops.gemv(x, ws[0], **v).float()
                     err = ((got - ref).norm() / ref.norm()).item()
-                    fn = lambda v=v: [ta.gemv(x, w, **v) for w in ws]
+                    fn = lambda v=v: [ops.gemv(x, w, **v) for w in ws]
                     label = str(v)
                 try:
                     ms = graph_ms(fn) / len(ws)
@@ -179,7 +181,7 @@ def lab_gemv(model) -> list[dict]:
 def lab_decode_attention(core, batches=(1,)) -> list[dict]:
     gpu = core.runner.gpu
     a = gpu.a
-    meta, bt = gpu.dev[:1, 1:1 + ta.META_W], gpu.dev[:1, 1 + ta.META_W:]
+    meta, bt = gpu.dev[:1, gr.META_COL:gr.PAGES_COL], gpu.dev[:1, gr.PAGES_COL:]
     n_vis = int(meta[0, 0])
     q = torch.randn(1, a.num_heads, a.head_dim, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, a.num_kv_heads, a.head_dim, device="cuda", dtype=torch.bfloat16)
@@ -211,8 +213,7 @@ def lab_prefill(model) -> list[dict]:
     pages = (S + W + 4096) // P + 8
     kc = torch.randn(pages * P, a.num_kv_heads, a.head_dim, device="cuda", dtype=torch.bfloat16)
     vc = torch.randn_like(kc)
-    rope = ta.RopeTables(1.0 / (a.rope_theta ** (torch.arange(0, a.head_dim, 2, dtype=torch.float64) / a.head_dim)),
-                         S + W + 4097, "cuda")
+    rope = RotaryTable(inv_frequencies(a.head_dim, a.rope_theta, None), S + W + 4097, "cuda", torch.float32)
     rows = []
     for C_, old in ((4096, 0), (512, W)):
         ns = S
@@ -297,8 +298,8 @@ def lab(args) -> dict:
     C.save("lab", out)
     for gemv in (True, False):
         for L, B in ((4096, 1), (256, 1), (2048, 32)):
-            os.environ["SWIFTSERVE_GEMV"] = "1" if gemv else "0"
-            core = C.make_core(model, S, L - S, tokens_capacity=B * (L + 64), max_batch_tokens=512, max_running=B)
+            core = C.make_core(model, S, L - S, tokens_capacity=B * (L + 64), max_batch_tokens=512, max_running=B,
+                               triton_gemv=gemv)
             reqs = [C.submit_generate(core, f"s{i}", C.random_ids(L + 32, model.args.vocab_size, i), 10**6)
                     for i in range(B)]
             C.step_until(core, lambda: all(r.phase == "decode" for r in reqs))

@@ -20,6 +20,7 @@ import time
 import common as C
 import torch
 
+from swift_engine.config import EngineConfig
 from swift_engine.engine.cache import PageTable, SinkWindowCache
 from swift_engine.engine.model_runner import ModelRunner
 
@@ -33,7 +34,7 @@ class Lane:
         a = model.args
         self.cache = SinkWindowCache(S, W, 16, (S + W + chunk) // 16 + 64,
                                      (a.num_layers, a.num_kv_heads, a.head_dim), "cuda", dtype)
-        self.runner = ModelRunner(model, self.cache, chunk)
+        self.runner = ModelRunner(model, self.cache, EngineConfig(max_batch_tokens=chunk))
         self.table = PageTable()
 
     def warm(self, chunk: int, vocab: int) -> None:

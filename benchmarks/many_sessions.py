@@ -17,7 +17,7 @@ import time
 import common as C
 import torch
 
-from swift_engine.engine.cache import ceil_div
+from swift_engine.engine.cache import ceil_div, running_pages, span_pages
 
 S = 4
 
@@ -89,9 +89,9 @@ def capacity(model, L: int, short: int, mbt: int, page_size: int = 16) -> dict:
     usable = free_b - 4 * 2**30  # activations, graphs, allocator slack
     page_bytes = C.kv_bytes(a, page_size)
     pages = usable // page_bytes
-    full = ceil_div(S, page_size) + ceil_div(L - S + page_size - 1, page_size)
-    small = ceil_div(S, page_size) + ceil_div(short - S, page_size)
-    running_reserve = full + ceil_div(mbt, page_size) + 1
+    full = span_pages(S, L - S, page_size)
+    small = ceil_div(S, page_size) + ceil_div(short - S, page_size)  # never evicted: window starts a page
+    running_reserve = running_pages(S, L - S, page_size, mbt)
     return dict(cache_tokens=L, pool_pages=int(pages), pool_gb=pages * page_bytes / 2**30,
                 pages_full_session=full, pages_short_session=small, short_tokens=short,
                 resident_full=int(pages // full), resident_short=int(pages // small),

@@ -31,6 +31,9 @@ class EngineConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
     seed: int = 0
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    cuda_graphs: bool = Field(True, description="triton backend: replay decode steps as CUDA graphs")
+    triton_gemv: bool = Field(
+        True, description="triton backend: decode projections through the Triton GEMV (False: cuBLAS)")
     max_idle_snapshots: int = Field(
         100_000, ge=0, description="evicted sessions whose token ids stay in host memory")
 

@@ -13,6 +13,7 @@ import random
 import pytest
 import torch
 
+from swift_engine.config import EngineConfig
 from swift_engine.engine.cache import PageTable, SinkWindowCache
 from swift_engine.engine.model_runner import ModelRunner
 from swift_engine.layers.reference import reference_logits
@@ -66,7 +67,8 @@ class Driver:
     def __init__(self, model, device, dtype, backend, graphs=True, num_pages=512, mbt=256):
         a = model.args
         self.cache = SinkWindowCache(S, W, P, num_pages, (a.num_layers, a.num_kv_heads, a.head_dim), device, dtype)
-        self.runner = ModelRunner(model, self.cache, max_batch_tokens=mbt, backend=backend, cuda_graphs=graphs)
+        self.runner = ModelRunner(model, self.cache, EngineConfig(max_batch_tokens=mbt, attention_backend=backend,
+                                                                 cuda_graphs=graphs))
         self.tables: dict[int, PageTable] = {}
 
     def step(self, work: dict[int, list[int]]) -> dict[int, torch.Tensor]:
@@ -197,7 +199,6 @@ def test_greedy_alone_equals_batched():
 
 
 def test_engine_uses_triton_and_graphs():
-    from swift_engine.config import EngineConfig
     from swift_engine.engine.async_engine import StreamingEngine
 
     cfg = EngineConfig(device="cuda", dtype="bfloat16", sink_tokens=4, window_tokens=124, page_size=16,

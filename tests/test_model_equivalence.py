@@ -3,6 +3,7 @@ after eviction it must equal the slow StreamingLLM reference."""
 import pytest
 import torch
 
+from swift_engine.config import EngineConfig
 from swift_engine.engine.cache import PageTable, SinkWindowCache
 from swift_engine.engine.model_runner import ModelRunner
 from swift_engine.layers.reference import reference_logits
@@ -23,7 +24,7 @@ def stream_logits(model, ids, S, W, chunk, page_size=4) -> torch.Tensor:
     """Logits of every token, fed in chunks through the engine's own cache and runner."""
     a = model.args
     cache = SinkWindowCache(S, W, page_size, 256, (a.num_layers, a.num_kv_heads, a.head_dim), "cpu", torch.float32)
-    runner = ModelRunner(model, cache, max_batch_tokens=max(chunk, 1))
+    runner = ModelRunner(model, cache, EngineConfig(max_batch_tokens=max(chunk, 1)))
     table, out = PageTable(), []
     for i in range(0, len(ids), chunk):
         part = ids[i:i + chunk]

@@ -19,6 +19,17 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def span_pages(sinks: int, window: int, page_size: int) -> int:
+    """Most pages a table of `sinks` sink and `window` window tokens spans (the oldest window
+    token may sit anywhere in its page). Every page count of the engine derives from this."""
+    return ceil_div(sinks, page_size) + ceil_div(window + page_size - 1, page_size)
+
+
+def running_pages(sinks: int, window: int, page_size: int, max_batch_tokens: int) -> int:
+    """Pages reserved for a running session: its steady S + W pages, one step's chunk, one spare."""
+    return span_pages(sinks, window, page_size) + ceil_div(max_batch_tokens, page_size) + 1
+
+
 def slot_of(pages, index: int, page_size: int) -> int:
     """The pool slot of a page table's `index`-th token."""
     return pages[index // page_size] * page_size + index % page_size
@@ -83,7 +94,11 @@ class SinkWindowCache:
     @property
     def steady_pages(self) -> int:
         """Most pages a session holds between steps: S + W tokens' worth, page-rounded."""
-        return ceil_div(self.S, self.P) + ceil_div(self.W + self.P - 1, self.P)
+        return span_pages(self.S, self.W, self.P)
+
+    def pages_spanned(self, window: int) -> int:
+        """Most pages a table with `window` window tokens (before eviction) spans."""
+        return span_pages(self.S, window, self.P)
 
     def pages_for(self, table: PageTable, n: int) -> int:
         """New pages an append of n tokens needs."""

@@ -34,7 +34,7 @@ class EngineCore:
         if not self.scheduler.can_ever_fit():
             raise CapacityError(f"num_pages={num_pages} cannot hold one session: it needs "
                                 f"{self.scheduler.reserve} pages of {config.page_size} tokens")
-        self.runner = ModelRunner(model, self.cache, config.max_batch_tokens, backend=config.attention_backend)
+        self.runner = ModelRunner(model, self.cache, config)
         self.sampler = Sampler(a.vocab_size, self.runner.device)
         self.sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self.vocab_size = a.vocab_size

@@ -1,13 +1,14 @@
 """Runs one batched model step: flattened tokens of all scheduled sessions.
 
 Two backends with one contract: `torch` (layers/attention.py, any device, the CPU
-default) and `triton` (engine/cuda_graphs.py: Triton kernels, fused forward, CUDA
+default) and `triton` (engine/gpu_runner.py: Triton kernels, fused forward, CUDA
 graphs for decode), chosen automatically on CUDA when the shape is supported.
 """
 from __future__ import annotations
 
 import torch
 
+from ..config import EngineConfig
 from ..layers.attention import TorchSinkWindowAttention, plan_sequence
 from ..layers.rotary import RotaryTable, inv_frequencies
 from ..models.llama import CausalLM
@@ -18,13 +19,14 @@ def select_backend(requested: str, model: CausalLM, device: torch.device) -> str
     """'auto' -> triton on CUDA when the kernels support the shape, else torch."""
     if requested == "torch":
         return "torch"
-    from ..layers import triton_attention as ta
+    from ..layers.triton_attention import supported
+    from ..layers.triton_ops import INTERPRET
 
-    why = ta.supported(model.args.head_dim, model.lm_head.weight.dtype)
+    why = supported(model.args.head_dim, model.lm_head.weight.dtype)
     if requested == "triton":
         if why is not None:
             raise ValueError(f"attention_backend='triton' is not available: {why}")
-        if device.type != "cuda" and not ta.INTERPRET:
+        if device.type != "cuda" and not INTERPRET:
             raise ValueError("attention_backend='triton' needs a CUDA device (or TRITON_INTERPRET=1)")
         return "triton"
     if requested != "auto":
@@ -33,21 +35,21 @@ def select_backend(requested: str, model: CausalLM, device: torch.device) -> str
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, cache: SinkWindowCache, max_batch_tokens: int,
-                 backend: str = "auto", cuda_graphs: bool = True):
+    def __init__(self, model: CausalLM, cache: SinkWindowCache, config: EngineConfig):
         a = model.args
         self.model, self.cache = model, cache
         self.device = model.lm_head.weight.device
+        self.backend = select_backend(config.attention_backend, model, self.device)
+        positions = cache.S + cache.W + config.max_batch_tokens + 1  # cache positions + one chunk
         inv_freq = inv_frequencies(a.head_dim, a.rope_theta, a.rope_scaling)
-        self.backend = select_backend(backend, model, self.device)
-        self.gpu = self.rope = None
-        if self.backend == "triton":  # keeps its own float32 cos/sin tables
-            from .cuda_graphs import GpuRunner
+        # the Triton kernels read float32 tables
+        dtype = torch.float32 if self.backend == "triton" else model.lm_head.weight.dtype
+        self.rope = RotaryTable(inv_freq, positions, self.device, dtype)
+        self.gpu = None
+        if self.backend == "triton":
+            from .gpu_runner import GpuRunner
 
-            self.gpu = GpuRunner(model, cache, max_batch_tokens, inv_freq, graphs=cuda_graphs)
-        else:
-            self.rope = RotaryTable(inv_freq, cache.S + cache.W + max_batch_tokens + 1, self.device,
-                                    model.lm_head.weight.dtype)
+            self.gpu = GpuRunner(model, cache, config, self.rope)
 
     @torch.no_grad()
     def run(self, chunks: list[list[int]], plans: list[AppendPlan],

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 
-from .cache import SinkWindowCache, ceil_div
+from .cache import SinkWindowCache, running_pages
 from .request import Request
 from .session import Session
 
@@ -17,7 +17,7 @@ class Scheduler:
         self.cache = cache
         self.max_batch_tokens = max_batch_tokens
         self.max_running = max_running
-        self.reserve = cache.steady_pages + ceil_div(max_batch_tokens, cache.P) + 1
+        self.reserve = running_pages(cache.S, cache.W, cache.P, max_batch_tokens)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.evictions = 0

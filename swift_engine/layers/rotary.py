@@ -37,18 +37,20 @@ def _llama3(inv: torch.Tensor, s: dict) -> torch.Tensor:
 
 
 class RotaryTable:
-    """cos/sin for positions 0..max_positions-1 (cache positions stay small by design)."""
+    """cos/sin [positions, head_dim/2] for positions 0..max_positions-1 (cache positions stay small
+    by design), angles in float64. The torch path keeps them in the activation dtype; the Triton
+    kernels read float32 ones."""
 
     def __init__(self, inv_freq: torch.Tensor, max_positions: int, device, dtype):
-        angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
-        angles = torch.cat([angles, angles], dim=-1)
-        self.cos = angles.cos().to(device=device, dtype=dtype)
-        self.sin = angles.sin().to(device=device, dtype=dtype)
+        angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq.double())
+        self.cos = angles.cos().to(device=device, dtype=dtype).contiguous()
+        self.sin = angles.sin().to(device=device, dtype=dtype).contiguous()
+        self.positions = max_positions
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [N, H, D] rotated at positions [N] (HF's rotate-half layout)."""
         cos = self.cos[positions][:, None, :]
         sin = self.sin[positions][:, None, :]
         half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)

@@ -1,6 +1,4 @@
-"""Triton kernels of the GPU path: sink+window attention over the paged cache, the small
-fused ops (residual add + RMSNorm, SiLU * up) and a weight-streaming GEMV for decode
-steps (few rows), which keep a decode step to nine launches per layer.
+"""Triton sink+window attention over the paged cache (decode and chunked prefill).
 
 Semantics are those of layers/attention.py (DESIGN.md "StreamingLLM semantics"):
 keys sit in the cache before RoPE and are rotated inside the kernels.
@@ -18,29 +16,24 @@ window indices (query j at u, key k at k: only u - k matters) and the sink part
 rotates the query a second time at its cache position; both parts share one
 online softmax. Query j sees the sinks and window keys (u - W, u].
 
-Everything here imports without Triton (CPU CI): `HAVE_TRITON` says whether the
-kernels exist. With TRITON_INTERPRET=1 they also run (slowly) on CPU tensors.
+Imports without Triton (see triton_ops.py); `supported` says why a shape can't run.
 """
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-try:  # Triton is optional: the CPU path never needs it
-    import triton
-    import triton.language as tl
+from .rotary import RotaryTable
+from .triton_ops import HAVE_TRITON, pow2, tl, triton
 
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover - depends on the environment
-    triton = tl = None
-    HAVE_TRITON = False
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
-META_W = 8  # int32 fields per decode row: n_vis, n_sinks, sink_pages, window_offset, slot, row, -, -
-SEQ_W = 8   # int32 fields per prefill sequence: start, C, n_sinks, new_sinks, old_window, sink_pages, window_start, -
+# int32 fields of one decode row, in the order _decode_kernel reads them (mrow + index)
+DECODE_FIELDS = ("n_vis", "n_sinks", "sink_pages", "window_offset", "slot", "row")
+META_W = 8  # decode row width (fields, then padding)
+# int32 fields of one prefill sequence, in the order _prefill_kernel reads them
+PREFILL_FIELDS = ("start", "C", "n_sinks", "new_sinks", "old_window", "sink_pages", "window_start")
+SEQ_W = 8   # prefill row width (fields, then padding)
 
 
 def supported(head_dim: int, dtype: torch.dtype) -> str | None:
@@ -53,16 +46,6 @@ def supported(head_dim: int, dtype: torch.dtype) -> str | None:
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return f"dtype {dtype}"
     return None
-
-
-class RopeTables:
-    """float32 cos/sin [positions, head_dim/2] (angles in float64, HF's rotate-half layout)."""
-
-    def __init__(self, inv_freq: torch.Tensor, max_positions: int, device):
-        angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq.double())
-        self.cos = angles.cos().float().contiguous().to(device)
-        self.sin = angles.sin().float().contiguous().to(device)
-        self.positions = max_positions
 
 
 if HAVE_TRITON:
@@ -325,92 +308,9 @@ if HAVE_TRITON:
         tl.store(KC + slot * stride_ct + h * D + d, k.to(KC.dtype.element_ty), mask=m)
         tl.store(VC + slot * stride_ct + h * D + d, v.to(VC.dtype.element_ty), mask=m)
 
-    @triton.jit
-    def _add_rmsnorm_kernel(X, Y, WT, R, O, stride_x, stride_y, stride_r, stride_o, N, eps,
-                            HAS_Y: tl.constexpr, BLOCK: tl.constexpr):
-        """R = X + Y (rounded to the activation dtype, like torch's add); O = RMSNorm(R) * weight."""
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        m = cols < N
-        x = tl.load(X + row * stride_x + cols, mask=m, other=0.0)
-        if HAS_Y:
-            y = tl.load(Y + row * stride_y + cols, mask=m, other=0.0)
-            x = (x.to(tl.float32) + y.to(tl.float32)).to(R.dtype.element_ty)
-            tl.store(R + row * stride_r + cols, x, mask=m)
-        xf = x.to(tl.float32)
-        var = tl.sum(xf * xf, 0) / N
-        n = (xf * tl.rsqrt(var + eps)).to(O.dtype.element_ty).to(tl.float32)
-        w = tl.load(WT + cols, mask=m, other=0.0).to(tl.float32)
-        tl.store(O + row * stride_o + cols, (n * w).to(O.dtype.element_ty), mask=m)
-
-    @triton.jit
-    def _silu_mul_kernel(GU, O, stride_gu, stride_o, N, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        m = cols < N
-        g = tl.load(GU + row * stride_gu + cols, mask=m, other=0.0).to(tl.float32)
-        u = tl.load(GU + row * stride_gu + N + cols, mask=m, other=0.0).to(tl.float32)
-        a = (g / (1.0 + tl.exp(-g))).to(O.dtype.element_ty).to(tl.float32)
-        tl.store(O + row * stride_o + cols, (a * u).to(O.dtype.element_ty), mask=m)
-
-
-    @triton.jit
-    def _gemv_kernel(X, W, B, NW, RES, Y, M, N, K, stride_x, stride_res, stride_y, eps,
-                     PRO: tl.constexpr, EPI: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Y[m, n] = sum_k x[m, k] W[n, k] for few rows m (decode), with fused neighbours:
-        PRO 0: x = X; 1: x = RMSNorm(X) * NW (rounded as models/llama.py rounds); 2: x = SiLU(g) * u
-        with X = [g | u] (K columns each). EPI 0: Y = bf16(acc) (+ bias); 1: RES += bf16(acc), in place."""
-        pid = tl.program_id(0)
-        DT = W.dtype.element_ty
-        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        nm = n < N
-        m = tl.arange(0, BLOCK_M)
-        mm = m < M
-        kk = tl.arange(0, BLOCK_K)
-        xrow = X + m.to(tl.int64)[:, None] * stride_x
-        if PRO == 1:
-            ss = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                xk = tl.load(xrow + (k0 + kk)[None, :], mask=mm[:, None] & ((k0 + kk) < K)[None, :],
-                             other=0.0).to(tl.float32)
-                ss += tl.sum(xk * xk, 1)
-            rstd = tl.rsqrt(ss / K + eps)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        wrow = W + n.to(tl.int64)[:, None] * K
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + kk
-            km = k < K
-            xm = mm[:, None] & km[None, :]
-            if PRO == 2:
-                g = tl.load(xrow + k[None, :], mask=xm, other=0.0).to(tl.float32)
-                u = tl.load(xrow + K + k[None, :], mask=xm, other=0.0).to(tl.float32)
-                a = (g / (1.0 + tl.exp(-g))).to(DT).to(tl.float32)
-                x = (a * u).to(DT)
-            else:
-                x = tl.load(xrow + k[None, :], mask=xm, other=0.0)
-            if PRO == 1:
-                nw = tl.load(NW + k, mask=km, other=0.0).to(tl.float32)
-                x = ((x.to(tl.float32) * rstd[:, None]).to(DT).to(tl.float32) * nw[None, :]).to(DT)
-            w = tl.load(wrow + k[None, :], mask=nm[:, None] & km[None, :], other=0.0)
-            acc += tl.dot(x.to(DT), tl.trans(w))
-        om = mm[:, None] & nm[None, :]
-        if EPI == 1:
-            rp = RES + m.to(tl.int64)[:, None] * stride_res + n[None, :]
-            r = tl.load(rp, mask=om, other=0.0).to(tl.float32)
-            y = acc.to(DT).to(tl.float32)
-            tl.store(rp, (r + y).to(RES.dtype.element_ty), mask=om)
-        else:
-            if HAS_BIAS:
-                acc += tl.load(B + n, mask=nm, other=0.0).to(tl.float32)[None, :]
-            tl.store(Y + m.to(tl.int64)[:, None] * stride_y + n[None, :], acc.to(Y.dtype.element_ty), mask=om)
 
 def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def num_sms(device) -> int:
@@ -436,9 +336,9 @@ class DecodeParams:
         self.elementwise = elementwise
 
 
-def decode_attention(q, k, v, kc, vc, block_table, meta, rope: RopeTables, out, params: DecodeParams,
-                     page_size: int, scratch=None):
-    """Attention of B single-token queries (rows given by meta[:, 5]); writes `out` rows and the cache."""
+def decode_attention(q, k, v, kc, vc, block_table, meta, rope: RotaryTable, out, params: DecodeParams,
+                     page_size: int):
+    """Attention of B single-token queries (rows given by their "row" field); writes `out` rows and the cache."""
     B, hkv = meta.shape[0], kc.shape[1]
     hq, d = q.shape[1], q.shape[2]
     g = hq // hkv
@@ -448,29 +348,22 @@ def decode_attention(q, k, v, kc, vc, block_table, meta, rope: RopeTables, out, 
     if direct:
         opart = lse = out
     else:
-        opart, lse = scratch if scratch is not None else (
-            torch.empty(B * hq * ns * d, device=q.device, dtype=torch.float32),
-            torch.empty(B * hq * ns, device=q.device, dtype=torch.float32))
+        opart = torch.empty(B * hq * ns * d, device=q.device, dtype=torch.float32)
+        lse = torch.empty(B * hq * ns, device=q.device, dtype=torch.float32)
     _decode_kernel[(B, hkv, ns)](
         q, k, v, kc, vc, block_table, meta, rope.cos, rope.sin, out, opart, lse,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kc.stride(0), block_table.stride(0), meta.stride(0), out.stride(0), out.stride(1),
         params.split_size, ns, hq, d ** -0.5 * LOG2E,
-        G=g, BLOCK_G=_pow2(g) if ew else max(16, _pow2(g)), D=d, HALF=d // 2, P=page_size,
+        G=g, BLOCK_G=pow2(g) if ew else max(16, pow2(g)), D=d, HALF=d // 2, P=page_size,
         BLOCK_N=params.block_n, DIRECT=direct, ROPE_DELTA=params.rope_delta, PREC=_prec(kc.dtype), ELEMENTWISE=ew,
         num_warps=params.num_warps, num_stages=params.num_stages)
     if not direct:
         _combine_kernel[(B, hq)](opart, lse, meta, out, meta.stride(0), out.stride(0), out.stride(1), ns, hq,
-                                 D=d, BLOCK_S=max(2, _pow2(ns)), num_warps=4)
+                                 D=d, BLOCK_S=max(2, pow2(ns)), num_warps=4)
 
 
-def decode_scratch(batch: int, q_heads: int, head_dim: int, params: DecodeParams, device):
-    n = batch * q_heads * params.num_splits
-    return (torch.empty(n * head_dim, device=device, dtype=torch.float32),
-            torch.empty(n, device=device, dtype=torch.float32))
-
-
-def prefill_attention(q, kc, vc, block_table, seq_meta, qblocks, n_qblocks: int, rope: RopeTables, out,
+def prefill_attention(q, kc, vc, block_table, seq_meta, qblocks, n_qblocks: int, rope: RotaryTable, out,
                       window: int, page_size: int, block_m: int = 64, block_n: int = 64,
                       num_warps: int = 4, num_stages: int = 2):
     hq, d = q.shape[1], q.shape[2]
@@ -491,60 +384,3 @@ def kv_write(k, v, kc, vc, slots):
     if t:
         _kv_write_kernel[(t, hkv)](k, v, kc, vc, slots, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                                    kc.stride(0), D=d, num_warps=1)
-
-
-def add_rmsnorm(x, y, weight, eps: float, residual_out=None, out=None):
-    """(x + y, rmsnorm(x + y) * weight); with y None: (x, rmsnorm(x) * weight). 2-D [T, N] rows."""
-    t, n = x.shape
-    out = torch.empty_like(x) if out is None else out
-    if y is None:
-        r = x
-    else:
-        r = torch.empty_like(x) if residual_out is None else residual_out
-    block = _pow2(n)
-    if t:
-        _add_rmsnorm_kernel[(t,)](x, y if y is not None else x, weight, r, out,
-                                  x.stride(0), (y if y is not None else x).stride(0), r.stride(0), out.stride(0),
-                                  n, eps, HAS_Y=y is not None, BLOCK=block,
-                                  num_warps=8 if block >= 4096 else 4)
-    return r, out
-
-
-def silu_mul(gu):
-    t, two_n = gu.shape
-    n = two_n // 2
-    out = torch.empty(t, n, device=gu.device, dtype=gu.dtype)
-    block = 1024
-    if t:
-        _silu_mul_kernel[(t, triton.cdiv(n, block))](gu, out, gu.stride(0), out.stride(0), n, BLOCK=block,
-                                                       num_warps=4)
-    return out
-
-
-GEMV_MAX_M = 32
-
-
-def gemv_block_n(n: int, sms: int) -> int:
-    b = 16
-    while b < 64 and n // (2 * b) >= 2 * sms:
-        b *= 2
-    return b
-
-
-def gemv(x, w, *, bias=None, norm_weight=None, eps: float = 0.0, silu: bool = False, residual=None,
-         block_n: int | None = None, block_k: int = 256, num_warps: int = 4, num_stages: int = 4, sms: int = 132):
-    """x [M, K] (or [M, 2K] with silu) times w [N, K]^T for M <= GEMV_MAX_M, one launch.
-
-    norm_weight: x is RMSNorm'ed first; silu: x = silu(x[:, :K]) * x[:, K:]; residual: residual += result
-    (in place, returned) instead of a new output."""
-    m, n, k = x.shape[0], w.shape[0], w.shape[1]
-    assert m <= GEMV_MAX_M and w.is_contiguous() and x.stride(1) == 1
-    bn = block_n or gemv_block_n(n, sms)
-    y = residual if residual is not None else torch.empty(m, n, device=x.device, dtype=x.dtype)
-    pro = 1 if norm_weight is not None else 2 if silu else 0
-    _gemv_kernel[(triton.cdiv(n, bn),)](
-        x, w, bias if bias is not None else w, norm_weight if norm_weight is not None else w, y, y,
-        m, n, k, x.stride(0), y.stride(0), y.stride(0), eps,
-        PRO=pro, EPI=1 if residual is not None else 0, HAS_BIAS=bias is not None,
-        BLOCK_M=max(16, _pow2(m)), BLOCK_N=bn, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
-    return y

@@ -1,4 +1,4 @@
-"""The GPU step: fused decoder forward, Triton sink+window attention, CUDA graphs for decode.
+"""The GPU step: fused forward (models/fused.py), Triton sink+window attention, CUDA graphs for decode.
 
 `GpuRunner.run` has ModelRunner.run's contract. A step whose sequences all feed one
 token (pure decode) replays a CUDA graph captured for the smallest batch-size
@@ -6,32 +6,32 @@ bucket that holds it; its metadata (token ids, per-session lengths/slots, page
 tables) lives in one static int32 device buffer, refreshed by a single host->device
 copy per step. Other steps (prefill chunks, mixed) run eagerly: single-token
 sequences through the decode kernel, longer chunks through the prefill kernel.
-
-The forward is the model's own arithmetic (models/llama.py) with fewer launches:
-q/k/v and gate/up projections fused into one GEMM each (the model's parameters
-become views of the fused tensors, so the torch path and state_dict still work),
-residual add + RMSNorm and SiLU * up as single Triton kernels.
 """
 from __future__ import annotations
 
-import os
-from types import SimpleNamespace
-
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from ..config import EngineConfig
 from ..layers import triton_attention as ta
-from .cache import AppendPlan, SinkWindowCache, ceil_div
+from ..layers.rotary import RotaryTable
+from ..models.fused import FusedDecoder
+from .cache import AppendPlan, SinkWindowCache
 
 # measured on H100 (benchmarks/NOTES-gpu.md): 4096-token chunk 1.06 vs 1.28 ms/layer for 64x64x4 warps
 PREFILL_CFG = dict(block_m=128, block_n=64, num_warps=8, num_stages=3)
 GRAPH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 64, 96, 128)
+MAX_GRAPH_BATCH = 128
+# one row of the static decode buffer: [token id | decode fields (ta.DECODE_FIELDS, padded to META_W) | pages]
+META_COL = 1
+PAGES_COL = META_COL + ta.META_W
+N_FIELDS = len(ta.DECODE_FIELDS)
+ROW_COL = META_COL + ta.DECODE_FIELDS.index("row")
 
 
 # ---- plans -> page-level metadata ------------------------------------------------
 def decode_row(plan: AppendPlan, window: int, row: int):
-    """Decode metadata [n_vis, n_sinks, sink_pages, window_offset, slot, row] and the page list."""
+    """Decode metadata (ta.DECODE_FIELDS, in order) and the page list."""
     ns, nw = plan.sink_len, plan.window_len
     if plan.new_sinks:  # the token itself became a sink: it sees the sinks only
         n_vis, woff = ns, 0
@@ -42,85 +42,9 @@ def decode_row(plan: AppendPlan, window: int, row: int):
 
 
 def prefill_row(plan: AppendPlan, start: int, n: int):
+    """Prefill metadata (ta.PREFILL_FIELDS, in order, padded to SEQ_W) and the page list."""
     return ((start, n, plan.sink_len, plan.new_sinks, plan.old_window, len(plan.sink_pages), plan.window_start, 0),
             plan.sink_pages + plan.window_pages)
-
-
-# ---- fused forward --------------------------------------------------------------
-def _fuse(linears, attr: str = "weight") -> torch.Tensor | None:
-    """One tensor holding the linears' `attr` rows back to back; each linear's parameter becomes
-    a view of it (no extra memory; a second engine over the same model reuses it)."""
-    params = [getattr(m, attr) for m in linears]
-    if params[0] is None:
-        return None
-    key = f"_swift_fused_{attr}"
-    fused = getattr(linears[0], key, None)
-    if fused is not None:
-        off, ok = 0, True
-        for p in params:
-            ok &= p.data_ptr() == fused[off:off + p.shape[0]].data_ptr() and p.is_contiguous()
-            off += p.shape[0]
-        if ok and off == fused.shape[0]:
-            return fused
-    fused = torch.cat([p.data for p in params]).contiguous()
-    off = 0
-    for p in params:
-        n = p.shape[0]
-        p.data = fused[off:off + n]
-        off += n
-    setattr(linears[0], key, fused)
-    return fused
-
-
-class FusedDecoder:
-    def __init__(self, model):
-        a = model.args
-        self.model, self.a = model, a
-        self.nq, self.nk = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
-        self.layers = []
-        for layer in model.model.layers:
-            at, mlp = layer.self_attn, layer.mlp
-            self.layers.append(SimpleNamespace(
-                wqkv=_fuse([at.q_proj, at.k_proj, at.v_proj]),
-                bqkv=_fuse([at.q_proj, at.k_proj, at.v_proj], "bias"),
-                wo=at.o_proj.weight, wgu=_fuse([mlp.gate_proj, mlp.up_proj]), wdown=mlp.down_proj.weight,
-                in_w=layer.input_layernorm.weight, in_eps=layer.input_layernorm.eps,
-                post_w=layer.post_attention_layernorm.weight, post_eps=layer.post_attention_layernorm.eps,
-                q_norm=getattr(at, "q_norm", None), k_norm=getattr(at, "k_norm", None)))
-        self.norm = model.model.norm
-        self.gemv_cfg: dict = {}
-
-    def _lin(self, x, w, b=None, gemv: bool = False):
-        if gemv:
-            return ta.gemv(x, w, bias=b, **self.gemv_cfg)
-        return F.linear(x, w, b)
-
-    def forward(self, ids: torch.Tensor, attn, gemv: bool = False) -> torch.Tensor:
-        """gemv: few rows (decode) -> weight-streaming Triton GEMV instead of cuBLAS (measured faster
-        in a CUDA graph at M <= 32, and no split-K reduce kernels; NOTES-gpu.md)."""
-        a, L = self.a, self.layers
-        x = F.embedding(ids, self.model.model.embed_tokens.weight)
-        t = x.shape[0]
-        gemv = gemv and t <= ta.GEMV_MAX_M
-        res, h = ta.add_rmsnorm(x, None, L[0].in_w, L[0].in_eps)
-        for i, ly in enumerate(L):
-            qkv = self._lin(h, ly.wqkv, ly.bqkv, gemv)
-            q = qkv[:, :self.nq].view(t, a.num_heads, a.head_dim)
-            k = qkv[:, self.nq:self.nq + self.nk].view(t, a.num_kv_heads, a.head_dim)
-            v = qkv[:, self.nq + self.nk:].view(t, a.num_kv_heads, a.head_dim)
-            if ly.q_norm is not None:
-                q, k = ly.q_norm(q), ly.k_norm(k)
-            o = attn(i, q, k, v)
-            res, h = ta.add_rmsnorm(res, self._lin(o.view(t, self.nq), ly.wo, None, gemv), ly.post_w,
-                                    ly.post_eps, residual_out=res)
-            m = self._lin(ta.silu_mul(self._lin(h, ly.wgu, None, gemv)), ly.wdown, None, gemv)
-            nxt = L[i + 1] if i + 1 < len(L) else None
-            res, h = ta.add_rmsnorm(res, m, nxt.in_w if nxt else self.norm.weight,
-                                    nxt.in_eps if nxt else self.norm.eps, residual_out=res)
-        return h
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.model.lm_head.weight).float()
 
 
 # ---- attention backends (callables the fused forward calls per layer) --------------
@@ -158,33 +82,29 @@ class MixedAttention:
 
 # ---- the runner ---------------------------------------------------------------------
 class GpuRunner:
-    def __init__(self, model, cache: SinkWindowCache, max_batch_tokens: int, inv_freq: torch.Tensor,
-                 graphs: bool = True, max_graph_batch: int = 128, decode_cfg: dict | None = None,
-                 prefill_cfg: dict | None = None):
+    def __init__(self, model, cache: SinkWindowCache, config: EngineConfig, rope: RotaryTable,
+                 decode_cfg: dict | None = None, prefill_cfg: dict | None = None):
         a = model.args
-        self.a, self.cache = a, cache
+        self.a, self.cache, self.rope = a, cache, rope  # rope: float32 tables, S + W + max_batch_tokens + 1
         self.device = model.lm_head.weight.device
         self.fused = FusedDecoder(model)
-        self.rope = ta.RopeTables(inv_freq, cache.S + cache.W + max_batch_tokens + 1, self.device)
         self.sms = ta.num_sms(self.device)
         self.decode_cfg = dict(decode_cfg or {})
         self.prefill_cfg = dict(PREFILL_CFG, **(prefill_cfg or {}))
         self.max_keys = cache.S + cache.W
-        P = cache.P
-        self.maxp = ceil_div(cache.S, P) + ceil_div(cache.W + P, P) + 1  # pages a decoding session holds
-        self.use_graphs = graphs and self.device.type == "cuda" \
-            and os.environ.get("SWIFTSERVE_CUDA_GRAPHS", "1") != "0"
-        limit = min(max_graph_batch, max_batch_tokens)
+        self.maxp = cache.pages_spanned(cache.W + 1)  # pages a decoding session's plan lists
+        self.use_graphs = config.cuda_graphs and self.device.type == "cuda"
+        limit = min(MAX_GRAPH_BATCH, config.max_batch_tokens)
         self.buckets = [b for b in GRAPH_BUCKETS if b <= limit] or [1]
-        self.width = 1 + ta.META_W + self.maxp
+        self.width = PAGES_COL + self.maxp
         self.host = np.zeros((self.buckets[-1], self.width), dtype=np.int32)
         self.dev = torch.zeros(self.buckets[-1], self.width, dtype=torch.int32, device=self.device) \
             if self.use_graphs else None
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         self.stats = dict(graph_steps=0, eager_decode_steps=0, mixed_steps=0, captures=0)
-        # decode steps (graph or eager) through the Triton GEMV; SWIFTSERVE_GEMV=0 -> cuBLAS
-        self.use_gemv = os.environ.get("SWIFTSERVE_GEMV", "1") != "0" and self.device.type == "cuda" \
+        # decode steps (graph or eager) through the Triton GEMV, or cuBLAS (config.triton_gemv)
+        self.use_gemv = config.triton_gemv and self.device.type == "cuda" \
             and model.lm_head.weight.dtype != torch.float32
         self.fused.gemv_cfg["sms"] = self.sms
 
@@ -208,12 +128,12 @@ class GpuRunner:
             if len(pages) > self.maxp:
                 return False
             h[i, 0] = chunk[0]
-            h[i, 1:7] = meta
-            h[i, 9:9 + len(pages)] = pages
+            h[i, META_COL:META_COL + N_FIELDS] = meta
+            h[i, PAGES_COL:PAGES_COL + len(pages)] = pages
         n = len(chunks)
         if rows > n:
-            h[n:rows, :9] = 0
-            h[n:rows, 6] = np.arange(n, rows)
+            h[n:rows, :PAGES_COL] = 0
+            h[n:rows, ROW_COL] = np.arange(n, rows)
         return True
 
     def _decode(self, chunks, plans) -> torch.Tensor:
@@ -230,7 +150,7 @@ class GpuRunner:
         self.stats["eager_decode_steps"] += 1
         rows, pages = zip(*(decode_row(p, self.cache.W, i) for i, p in enumerate(plans)))
         meta = np.zeros((B, ta.META_W), dtype=np.int32)
-        meta[:, :6] = rows
+        meta[:, :N_FIELDS] = rows
         bt = np.zeros((B, max(1, max(len(p) for p in pages))), dtype=np.int32)
         for i, p in enumerate(pages):
             bt[i, :len(p)] = p
@@ -243,11 +163,11 @@ class GpuRunner:
         view = self.dev[:bucket]
         params = self.params_for(bucket, self.max_keys)
         self.host[:bucket] = 0
-        self.host[:bucket, 6] = np.arange(bucket)
+        self.host[:bucket, ROW_COL] = np.arange(bucket)
         view.copy_(torch.from_numpy(self.host[:bucket]))
 
         def forward():
-            attn = DecodeAttention(self, view[:, 1:1 + ta.META_W], view[:, 1 + ta.META_W:], params)
+            attn = DecodeAttention(self, view[:, META_COL:PAGES_COL], view[:, PAGES_COL:], params)
             return self.fused.logits(self.fused.forward(view[:, 0], attn, gemv=self.use_gemv))
 
         side = torch.cuda.Stream(self.device)
@@ -304,7 +224,7 @@ class GpuRunner:
                    torch.tensor(qblocks, dtype=torch.int32, device=dev), len(qblocks), table(pre_pages))
         if dec_rows:
             meta = np.zeros((len(dec_rows), ta.META_W), dtype=np.int32)
-            meta[:, :6] = dec_rows
+            meta[:, :N_FIELDS] = dec_rows
             dec = (torch.from_numpy(meta).to(dev), table(dec_pages),
                    self.params_for(len(dec_rows), int(meta[:, 0].max())))
         ids = torch.tensor([t for c in chunks for t in c], dtype=torch.long, device=dev)
