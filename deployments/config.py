@@ -34,6 +34,9 @@ class AppArgs(BaseModel):
     session_ttl_s: int = Field(7 * 24 * 3600, ge=0)
     commit_timeout_s: float = Field(5.0, gt=0, description="commit retries stop after this long")
     max_completion_tokens: int = Field(4096, ge=1, description="largest max_tokens a request may ask")
+    stream_batching_interval_ms: float = Field(50.0, ge=0, le=1000, description=(
+        "LLMServer merges a turn's tokens arriving within this interval into one message to the ingress "
+        "(and one SSE chunk); the first token is never delayed; 0: merge only what is already waiting"))
     api_keys_env: str | None = Field(None, min_length=1, description="env var holding API keys "
                                                                      "(`tenant:key` entries, see deployments/auth.py)")
     api_keys_file: str | None = Field(None, min_length=1, description="file holding API keys, same format; "

@@ -135,7 +135,7 @@ class OpenAIIngress:
         sid = session or body.session_id
         scoped = scoped_session_id(request.scope[TENANT_SCOPE_KEY], sid) if sid else None
         turn = ChatRequest(session_id=scoped, sampling=body.sampling(min(256, self.args.max_completion_tokens)),
-                           **content)
+                           logprobs=body.wants_logprobs, **content)
         stream, first = await self._first_chunk(turn, scoped)
         if scoped != sid:
             stream, first = _in_own_words(stream, scoped, sid), _own_words(first, scoped, sid)
@@ -147,7 +147,7 @@ class OpenAIIngress:
         if sid:
             headers[SESSION_HEADER] = sid
         rid = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
-        shape = Shaper(kind, rid, self.args.model_id, body.logprobs)
+        shape = Shaper(kind, rid, self.args.model_id, body.wants_logprobs)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(sse_stream(shape, first, stream, include_usage), headers=headers,

@@ -16,6 +16,7 @@ class Shaper:
     def __init__(self, kind: str, rid: str, model: str, logprobs: bool):
         self.kind, self.rid, self.model, self.logprobs = kind, rid, model, logprobs
         self.created = int(time.time())
+        self.offset = 0  # characters of completion text before the next token (completions' text_offset)
 
     def _obj(self, choices: list, object_: str, usage: dict | None = None) -> dict:
         out = {"id": self.rid, "object": object_, "created": self.created, "model": self.model, "choices": choices}
@@ -24,10 +25,20 @@ class Shaper:
         return out
 
     def _lp(self, chunks: list[ChatChunk]) -> dict | None:
+        """The tokens' logprobs in the endpoint's shape: chat's `content` list, or completions' parallel lists
+        (whose `top_logprobs` maps always hold the chosen token too, as OpenAI's do)."""
         if not self.logprobs:
             return None
-        return {"content": [{"token": c.text, "logprob": c.logprob, "bytes": list(c.text.encode()),
-                             "top_logprobs": []} for c in chunks if c.token_id is not None]}
+        entries = [e for c in chunks for e in c.logprobs or []]
+        if self.kind == "chat.completion":
+            return {"content": [e.model_dump() for e in entries], "refusal": None}
+        offsets = []
+        for e in entries:
+            offsets.append(self.offset)
+            self.offset += len(e.token)
+        return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{**{t.token: t.logprob for t in e.top_logprobs}, e.token: e.logprob}
+                                 for e in entries], "text_offset": offsets}
 
     def piece(self, c: ChatChunk, first: bool) -> dict:
         if self.kind == "chat.completion":

@@ -112,6 +112,10 @@ class ChatCompletionRequest(SamplingFields):
         return v
 
     @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs
+
+    @property
     def top_alternatives(self) -> int:
         return self.top_logprobs or 0
 
@@ -123,6 +127,10 @@ class CompletionRequest(SamplingFields):
     echo: _unsupported(None, False) = None
     suffix: _unsupported(None, "") = None
     best_of: _unsupported(None, 1) = None
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs is not None
 
     @property
     def top_alternatives(self) -> int:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from swift_engine.sampling import SamplingParams
+from swift_engine import SamplingParams
 
 
 class Message(BaseModel):
@@ -20,6 +20,8 @@ class ChatRequest(BaseModel):
     messages: list[Message] | None = None
     prompt: str | None = None
     sampling: SamplingParams = Field(default_factory=SamplingParams)
+    logprobs: bool = Field(False, description="report each token's log-probability (and sampling.top_logprobs "
+                                              "alternatives) in the chunks")
 
 
 class ErrorInfo(BaseModel):
@@ -29,19 +31,33 @@ class ErrorInfo(BaseModel):
     code: str | None = None
 
 
+class TopLogprob(BaseModel):
+    """One token with its log-probability, as OpenAI's logprobs report it."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
 class ChatChunk(BaseModel):
-    """A streamed piece of a turn. The last one has finish_reason (or error) and usage."""
+    """A streamed piece of a turn: one or more tokens (LLMServer coalesces them over a short interval).
+    The last one has finish_reason (or error) and usage."""
 
     replica_id: str
     session_id: str | None = None
     text: str = ""
-    token_id: int | None = None
-    logprob: float | None = None
+    token_ids: list[int] = Field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for them
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: ErrorInfo | None = None
     reprefill_s: float | None = None  # set on the first chunk when this turn rebuilt the cache
+    durable: bool = True  # on the final chunk: False if acknowledged before the store had it (durability: relaxed)
 
 
 class SessionInfo(BaseModel):

@@ -24,9 +24,11 @@ from swift_engine.errors import (CapacityError, HistoryMismatchError, InvalidReq
 
 from .autoscaling import autoscaling_stats
 from .config import AppArgs
+from .logprobs import token_logprobs
 from .metrics import server_metrics
 from .protocol import ChatChunk, ChatRequest, ErrorInfo, SessionInfo
 from .store_factory import make_store
+from .stream_batching import coalesce
 
 LAST_TURN = ("last_request_digest", "last_reply", "last_finish_reason", "last_prompt_tokens",
              "last_completion_tokens")
@@ -71,7 +73,8 @@ class LLMServer:
             return
         done = False
         try:
-            async for chunk in self._turn(sid, req, persisted, reprefill):
+            turn = self._turn(sid, req, persisted, reprefill)
+            async for chunk in coalesce(turn, self.args.stream_batching_interval_ms / 1000):
                 done = chunk.finish_reason is not None or chunk.error is not None
                 yield chunk
         finally:
@@ -96,8 +99,9 @@ class LLMServer:
                 now = time.perf_counter()
                 self.metrics["ttft" if last == start else "itl"].observe(1000 * (now - last))
                 last = now
-                chunk = ChatChunk(replica_id=self.replica_id, session_id=sid, text=ev.text, token_id=ev.token_id,
-                                  logprob=ev.logprob, reprefill_s=reprefill)
+                chunk = ChatChunk(replica_id=self.replica_id, session_id=sid, text=ev.text,
+                                  token_ids=[] if ev.token_id is None else [ev.token_id], reprefill_s=reprefill,
+                                  logprobs=token_logprobs(self.engine.tokenizer, ev) if req.logprobs else None)
                 reprefill = None
                 if ev.finish_reason is None:
                     text.append(ev.text)

@@ -134,3 +134,70 @@ async def test_client_disconnect_frees_the_request(url):
         assert r.status_code == 200, r.text
         info = (await http.get(f"/v1/sessions/{sid}")).json()
     assert info["turns"] == 1 and info["tokens_seen"] == r.json()["usage"]["total_tokens"]
+
+
+async def test_logprobs_in_openai_shapes_for_chat_and_completions(url):
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    history = [{"role": "user", "content": "logprobs please"}]
+    chat = await client.chat.completions.create(model=MODEL, messages=history, max_tokens=5, temperature=0,
+                                                logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 5
+    for t in content:  # greedy: the chosen token is the most likely one
+        assert len(t.top_logprobs) == 3 and t.logprob == pytest.approx(t.top_logprobs[0].logprob)
+        assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob >= t.top_logprobs[2].logprob
+        assert t.token == (bytes(t.bytes).decode() if not t.token.startswith("bytes:") else
+                           "bytes:" + "".join(f"\\x{b:02x}" for b in t.bytes))
+    streamed = []
+    stream = await client.chat.completions.create(model=MODEL, messages=history, max_tokens=5, temperature=0,
+                                                  logprobs=True, stream=True, extra_body={"ignore_eos": True})
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].logprobs:
+            streamed += chunk.choices[0].logprobs.content
+    assert [(t.token, t.top_logprobs) for t in streamed] == [(t.token, []) for t in content]
+    done = await client.completions.create(model=MODEL, prompt="Once", max_tokens=4, temperature=0, logprobs=2,
+                                           extra_body={"ignore_eos": True})
+    lp = done.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert all(2 <= len(top) <= 3 and top[tok] == pytest.approx(p) for tok, p, top in
+               zip(lp.tokens, lp.token_logprobs, lp.top_logprobs)), lp
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+
+
+async def test_logit_bias_and_seed_reach_the_sampler(url):
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    history = [{"role": "user", "content": "say A"}]
+    forced = await client.chat.completions.create(model=MODEL, messages=history, max_tokens=6, logit_bias={"32": 100},
+                                                  extra_body={"ignore_eos": True})  # token 32 is "A"
+    assert forced.choices[0].message.content == "AAAAAA"
+    same = [(await client.chat.completions.create(model=MODEL, messages=history, max_tokens=8, seed=5, top_p=0.9,
+                                                  extra_body={"ignore_eos": True})).choices[0].message.content
+            for _ in range(2)]
+    assert same[0] == same[1]
+
+
+async def test_unsupported_openai_fields_are_a_400_naming_the_field(url):
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    async with httpx.AsyncClient(base_url=url) as http:
+        for field, value in [("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"),
+                             ("response_format", {"type": "json_object"}), ("top_logprobs", 2)]:
+            r = await http.post("/v1/chat/completions", json={**chat, field: value})
+            assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+        for field, value in [("echo", True), ("suffix", "end"), ("best_of", 3)]:
+            r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x", field: value})
+            assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+        r = await http.post("/v1/chat/completions", json={**chat, "tools": [], "some_future_field": 1})
+        assert r.status_code == 200  # empty tools ask for nothing; unknown fields are ignored
+
+
+async def test_tokens_stream_in_fewer_messages_than_tokens(url):
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    stream = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "go on"}],
+                                                  max_tokens=60, temperature=0, stream=True,
+                                                  stream_options={"include_usage": True},
+                                                  extra_body={"ignore_eos": True})
+    pieces, usage = 0, None
+    async for chunk in stream:
+        pieces += bool(chunk.choices)
+        usage = chunk.usage or usage
+    assert usage.completion_tokens == 60 and pieces < 30  # 50 ms stream batching merges tokens
