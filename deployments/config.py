@@ -5,7 +5,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from swift_engine.config import EngineConfig
+from swift_engine import EngineConfig
 
 
 class Limits(BaseModel):

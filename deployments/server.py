@@ -17,10 +17,8 @@ from ray import serve
 
 from routing.affinity import pack_epochs, pack_sessions
 from routing.store import SessionRecord, StaleEpochError, StoreError, StoreUnavailableError, retry_commit
-from swift_engine import EngineError, SessionSnapshot, StreamingEngine
-from swift_engine.engine.session import chain_digest
-from swift_engine.errors import (CapacityError, HistoryMismatchError, InvalidRequestError, SessionBusyError,
-                                 UnknownSessionError)
+from swift_engine import (CapacityError, EngineError, HistoryMismatchError, InvalidRequestError, SessionBusyError,
+                          SessionSnapshot, StreamingEngine, UnknownSessionError, chain_digest)
 
 from .autoscaling import autoscaling_stats
 from .config import AppArgs
@@ -242,7 +240,7 @@ class LLMServer:
         return {"replica_id": self.replica_id, "pid": os.getpid(), **asdict(self.engine.stats())}
 
     def check_health(self) -> None:
-        if not self.engine._thread.is_alive():
+        if not self.engine.is_alive():
             raise RuntimeError("engine loop is not running")
 
     def record_routing_stats(self) -> dict:
@@ -258,7 +256,7 @@ class LLMServer:
                 "max_running": self.args.engine.max_running, "resident": st.sessions_resident,
                 "sessions": pack_sessions(resident),
                 "epochs": pack_epochs({sid: self.epochs.get(sid, 0) for sid in resident}),
-                "min_free_pages": self.engine.core.scheduler.reserve}
+                "min_free_pages": st.pages_to_admit}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         return autoscaling_stats(self.record_routing_stats())

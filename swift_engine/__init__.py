@@ -1,13 +1,15 @@
 """swift_engine: StreamingLLM inference engine (sink+window paged KV cache, continuous batching)."""
 from .config import EngineConfig
-from .engine.async_engine import EngineStats, StreamingEngine
+from .engine.async_engine import StreamingEngine
+from .engine.session import chain_digest
+from .engine.stats import EngineStats
 from .errors import (CapacityError, EngineError, HistoryMismatchError, InvalidRequestError,
                      SessionBusyError, UnknownSessionError, UnsupportedModelError)
 from .outputs import GenerationEvent, SessionSnapshot, Usage
 from .sampling import SamplingParams
 
 __all__ = [
-    "EngineConfig", "StreamingEngine", "EngineStats", "SamplingParams", "GenerationEvent",
+    "EngineConfig", "StreamingEngine", "EngineStats", "chain_digest", "SamplingParams", "GenerationEvent",
     "SessionSnapshot", "Usage", "EngineError", "InvalidRequestError", "UnknownSessionError",
     "SessionBusyError", "HistoryMismatchError", "CapacityError", "UnsupportedModelError",
 ]

@@ -1,5 +1,7 @@
 """Engine behaviour on the tiny default model: batching, sessions, sampling, bad input."""
 import asyncio
+import threading
+import time
 
 import pytest
 from pydantic import ValidationError
@@ -222,4 +224,42 @@ async def test_a_failing_step_fails_its_requests_not_the_engine():
     # the session rebuilds from its retained ids and continues exactly
     assert ids_of(await run(e, "faulty", **turn2)) == expected
     assert e.snapshot("faulty") == e.snapshot("clean").model_copy(update={"session_id": "faulty"})
+    e.shutdown()
+
+
+async def test_readers_and_submissions_do_not_wait_for_a_slow_step():
+    """No lock across a step: while a (deliberately slow) prefill step runs, has_session, stats,
+    resident sessions, health and an idle session's snapshot answer at once, and a new turn is
+    queued without blocking the caller's event loop."""
+    e = make()
+    await run(e, "idle", prompt_token_ids=prompt(6, 3), sampling=SamplingParams(max_tokens=2, ignore_eos=True))
+    real_run, started = e.core.runner.run, threading.Event()
+
+    def slow(*args, **kw):
+        started.set()
+        time.sleep(1.5)
+        return real_run(*args, **kw)
+
+    e.core.runner.run = slow
+    one = SamplingParams(max_tokens=1, ignore_eos=True)
+    long_turn = asyncio.ensure_future(run(e, "long", prompt_token_ids=prompt(40, 4), sampling=one))
+    assert await asyncio.to_thread(started.wait, 10)
+    waits = []
+    for _ in range(50):
+        t0 = time.perf_counter()
+        assert e.has_session("idle") and e.has_session("long") and not e.has_session("nobody")
+        assert e.stats().pages_total > 0 and "idle" in e.resident_sessions() and e.is_alive()
+        assert e.snapshot("idle").tokens_seen == 8
+        waits.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    other_turn = asyncio.ensure_future(run(e, "other", prompt_token_ids=prompt(5, 5), sampling=one))
+    await asyncio.sleep(0.01)
+    loop_blocked = time.perf_counter() - t0
+    assert not long_turn.done(), "the slow step should still be running"
+    waits.sort()
+    assert waits[len(waits) // 2] < 1e-3 and waits[-1] < 0.1, waits  # the step takes 1.5 s
+    assert loop_blocked < 0.5
+    assert (await long_turn)[-1].finish_reason == "length"
+    assert (await other_turn)[-1].finish_reason == "length"
+    assert e.stats().sessions_running == 0 and e.stats().queue_depth == 0
     e.shutdown()

@@ -1,42 +1,35 @@
-"""StreamingEngine: the public API. A background thread steps the core; callers await events."""
+"""StreamingEngine: the public API. A background thread steps the core; callers await events.
+
+No lock is held across a step: calls that change the engine (submit, abort, drop,
+shutdown) go into a thread-safe inbox that the engine thread drains between steps;
+after each step it publishes an immutable view (stats, resident sessions) that
+readers take without waiting, and only then hands the step's events to their
+callers, so a caller that saw an event sees figures at least as new.
+"""
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 
 from pydantic import ValidationError
 
 from ..config import EngineConfig
-from ..errors import CapacityError, EngineError, InvalidRequestError
+from ..errors import CapacityError, EngineError, InvalidRequestError, SessionBusyError
 from ..models.loader import load_model, random_model, resolve_model_dir
 from ..outputs import GenerationEvent, SessionSnapshot
 from ..sampling import SamplingParams
 from ..tokenizer import ChatTokenizer
 from .core import EngineCore
 from .request import Request
+from .stats import EngineStats, EngineView, view_of
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineStats:
-    pages_total: int
-    pages_free: int
-    pages_used: int
-    pages_evictable: int  # held by idle sessions: LRU eviction can free them
-    sessions_resident: int
-    sessions_known: int
-    sessions_running: int
-    queue_depth: int
-    evictions: int
-    rebuilds: int
-    tokens_generated: int
-    tokens_per_s: float
 
 
 class StreamingEngine:
@@ -49,10 +42,11 @@ class StreamingEngine:
         self.config = config
         self.core = EngineCore(config, model, tokenizer)
         self.tokenizer = tokenizer
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
+        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._outbox: list[Callable[[], None]] = []  # the step's events, handed over after publishing
         self._closed = False
         self._started_at = time.monotonic()
+        self._view: EngineView = view_of(self.core, self._started_at)
         self._thread = threading.Thread(target=self._loop, name="swift-engine", daemon=True)
         self._thread.start()
 
@@ -63,40 +57,61 @@ class StreamingEngine:
         model = random_model(hf_config, config.device, config.torch_dtype, seed)
         return cls(config, model=model, tokenizer=tokenizer)
 
-    @classmethod
-    def from_model_dir(cls, model_dir, config: EngineConfig) -> "StreamingEngine":
-        return cls(config.model_copy(update={"model": str(model_dir)}))
-
-    # ---- the loop ---------------------------------------------------------
+    # ---- the loop (engine thread) ---------------------------------------
     def _loop(self) -> None:
         while True:
-            with self._wake:
-                while not self._closed and not self.core.has_work():
-                    self._wake.wait()
-                if self._closed and not self.core.has_work():
-                    return
+            self._drain(wait=not self.core.has_work())
+            if self.core.has_work():
                 try:
                     self.core.step()
                 except Exception as exc:  # keep serving: fail this step's requests, not the engine
                     logger.exception("engine step failed")
                     self.core.fail_all(f"engine step failed: {type(exc).__name__}: {exc}")
+            self._publish()
+            if self._closed and not self.core.has_work():
+                return
 
-    def _submit(self, req: Request, action) -> None:
-        with self._wake:
-            if self._closed:
-                raise CapacityError("engine is shut down")
-            action(req)
-            self._wake.notify()
+    def _drain(self, wait: bool) -> None:
+        """Run the queued calls in order; with `wait`, block until there is one."""
+        try:
+            call = self._inbox.get() if wait else self._inbox.get_nowait()
+            while True:
+                call()
+                call = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _publish(self) -> None:
+        self._view = view_of(self.core, self._started_at)  # one reference swap: readers never wait
+        events, self._outbox = self._outbox, []
+        for deliver in events:
+            deliver()
+
+    def _call(self, fn: Callable[[], object]) -> Future:
+        """Run fn on the engine thread between steps; its result or exception lands in the future."""
+        fut: Future = Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(fn())
+            except Exception as exc:
+                fut.set_exception(exc)
+        self._inbox.put(run)
+        return fut
 
     def shutdown(self, abort: bool = True) -> None:
         """Stop accepting work; abort (or finish) running requests; join the loop."""
-        with self._wake:
+        def close() -> None:
             self._closed = True
             if abort:
-                for req in list(self.core.scheduler.waiting) + self.core.scheduler.running:
-                    req.aborted = True
-            self._wake.notify()
-        self._thread.join()
+                self.core.abort()
+        if self._thread.is_alive():
+            self._call(close)
+            self._thread.join()
+
+    def is_alive(self) -> bool:
+        """Whether the engine thread is running (health checks)."""
+        return self._thread.is_alive()
 
     # ---- requests ---------------------------------------------------------
     async def generate(self, session_id: str, prompt_token_ids: list[int] | None = None,
@@ -128,54 +143,56 @@ class StreamingEngine:
 
     async def _stream(self, req: Request, action) -> AsyncIterator[GenerationEvent]:
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
-        req.emit = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)
-        self._submit(req, action)
+        events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
+        req.emit = lambda ev: self._outbox.append(lambda: loop.call_soon_threadsafe(events.put_nowait, ev))
         finished = False
         try:
+            await asyncio.wrap_future(self._call(lambda: self._accept(req, action)))
             while not finished:
-                event = await queue.get()
+                event = await events.get()
                 finished = event.finish_reason is not None
                 if event.finish_reason == "error":
                     raise EngineError(event.text)
                 yield event
         finally:
-            if not finished:  # consumer went away: free the request's work
-                with self._wake:
-                    self.core.abort(req.id)
-                    self._wake.notify()
+            if not finished:  # consumer went away (or the submit failed): free the request's work
+                self._call(lambda: self.core.abort(req.id))
 
-    # ---- sessions ---------------------------------------------------------
+    def _accept(self, req: Request, action) -> None:
+        if self._closed:
+            raise CapacityError("engine is shut down")
+        action(req)
+
+    # ---- sessions: answered without waiting for a step where possible ------
     def snapshot(self, session_id: str) -> SessionSnapshot:
-        with self._lock:
+        """An idle session's ids at once (the engine thread leaves them alone between its turns);
+        a running session's at the end of the current step."""
+        session = self.core.sessions.get(session_id)
+        if session is not None and not session.running:
             return self.core.snapshot(session_id)
+        return self._on_engine(lambda: self.core.snapshot(session_id))
 
     def drop(self, session_id: str) -> bool:
-        with self._lock:
-            return self.core.drop(session_id)
+        """Forget a session and free its pages (at the end of the current step)."""
+        session = self.core.sessions.get(session_id)
+        if session is not None and session.running:
+            raise SessionBusyError(f"session {session_id!r} has a request running")
+        return self._on_engine(lambda: self.core.drop(session_id))
 
     def has_session(self, session_id: str) -> bool:
-        with self._lock:
-            s = self.core.sessions.get(session_id)
-            return s is not None
+        return session_id in self.core.sessions  # one dict lookup, atomic under the GIL
 
     def resident_sessions(self) -> list[str]:
-        with self._lock:
-            return [sid for sid, s in self.core.sessions.items() if s.table.pages or s.running]
+        return list(self._view.resident)
 
     def stats(self) -> EngineStats:
-        with self._lock:
-            c, sched = self.core, self.core.scheduler
-            sessions = c.sessions.values()
-            return EngineStats(
-                pages_total=c.cache.num_pages, pages_free=len(c.cache.free),
-                pages_used=c.cache.num_pages - len(c.cache.free),
-                pages_evictable=sum(s.table.pages for s in sessions if not s.running),
-                sessions_resident=sum(1 for s in sessions if s.table.pages),
-                sessions_known=len(c.sessions), sessions_running=sum(1 for s in sessions if s.running),
-                queue_depth=len(sched.waiting), evictions=sched.evictions, rebuilds=c.rebuilds,
-                tokens_generated=c.tokens_generated,
-                tokens_per_s=c.tokens_generated / max(time.monotonic() - self._started_at, 1e-9))
+        return self._view.stats
+
+    def _on_engine(self, fn):
+        """fn's result, run on the engine thread between steps (directly once the thread has ended)."""
+        if not self._thread.is_alive():
+            return fn()
+        return self._call(fn).result()
 
     # ---- synchronous convenience for scripts ------------------------------
     def generate_sync(self, session_id: str, **kw) -> list[GenerationEvent]:

@@ -1,6 +1,7 @@
 """EngineCore: synchronous engine. Submit requests, call step(), events go to each request's emit.
 
-Not thread-safe by itself: StreamingEngine serialises access with one lock.
+Not thread-safe: StreamingEngine's engine thread is its only caller (others reach it
+through the engine's inbox).
 """
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ class EngineCore:
         self.sessions[req.session_id] = session
         self.sessions.move_to_end(req.session_id)
         session.running = True
-        self.scheduler.waiting.append(req)
+        self.scheduler.add(req)
 
     def _render_turn(self, session: Session, messages: list[dict]) -> tuple[list[int], list[dict]]:
         if self.tokenizer is None:
@@ -91,10 +92,9 @@ class EngineCore:
         if bad is not None:
             raise InvalidRequestError(f"token id {bad!r} is outside the vocabulary [0, {self.vocab_size})")
 
-    def abort(self, request_id: str) -> None:
-        for req in list(self.scheduler.waiting) + self.scheduler.running:
-            if req.id == request_id:
-                req.aborted = True
+    def abort(self, request_id: str | None = None) -> None:
+        """End one request (None: every request) at the next step, finish reason "cancelled"."""
+        self.scheduler.abort(request_id)
 
     # ---- sessions ---------------------------------------------------------
     def snapshot(self, session_id: str) -> SessionSnapshot:
@@ -128,22 +128,31 @@ class EngineCore:
 
     # ---- stepping ---------------------------------------------------------
     def has_work(self) -> bool:
-        return bool(self.scheduler.waiting or self.scheduler.running)
+        return self.scheduler.has_work()
 
     def step(self) -> None:
-        self._reap_aborted()
+        """One engine step: schedule -> run the model -> postprocess (account, sample, emit)."""
+        batch = self._schedule()
+        if batch:
+            self._postprocess(batch, self._run(batch))
+
+    def _schedule(self) -> list[tuple[Request, int]]:
+        for req in self.scheduler.take_aborted():
+            self._complete(req, finish_reason="cancelled")
         for req in self.scheduler.admit(self.sessions):
             self._start(req)
-        batch = self.scheduler.select()
-        if not batch:
-            return
+        return self.scheduler.select()
+
+    def _run(self, batch: list[tuple[Request, int]]) -> list[torch.Tensor]:
         chunks, plans, rows = [], [], []
         for req, n in batch:
             table = self.sessions[req.session_id].table
             chunks.append(req.feed[req.fed:req.fed + n])
             plans.append(self.cache.append(table, n))
             rows.append(self._logit_rows(req, n))
-        logits = self.runner.run(chunks, plans, rows)
+        return self.runner.run(chunks, plans, rows)
+
+    def _postprocess(self, batch: list[tuple[Request, int]], logits: list[torch.Tensor]) -> None:
         ready = [(req, lg[-1:]) for (req, n), lg in zip(batch, logits) if self._advance(req, n, lg)]
         if ready:
             self._sample(ready)
@@ -253,25 +262,15 @@ class EngineCore:
         session.running = False
         session.last_used = time.monotonic()
         req.phase = "done"
-        if req in self.scheduler.running:
-            self.scheduler.running.remove(req)
+        self.scheduler.finish(req)
         usage = Usage(prompt_tokens=len(req.new_ids), completion_tokens=len(req.output_ids))
         req.emit(req.event(finish_reason=finish_reason, usage=usage, logprobs=req.logprobs, **kw))
 
     def fail_all(self, message: str) -> None:
         """A step raised: end every request with an error; their sessions rebuild from retained ids."""
-        for req in list(self.scheduler.waiting) + self.scheduler.running:
+        for req in self.scheduler.take_all():
             session = self.sessions[req.session_id]
             self.cache.release(session.table)  # the failed step may have left pages half-written
             session.needs_rebuild = bool(session.retained())
             session.pending = None
-            if req in self.scheduler.waiting:
-                self.scheduler.waiting.remove(req)
             self._complete(req, finish_reason="error", text=message)
-
-    def _reap_aborted(self) -> None:
-        for req in [r for r in self.scheduler.waiting if r.aborted]:
-            self.scheduler.waiting.remove(req)
-            self._complete(req, finish_reason="cancelled")
-        for req in [r for r in self.scheduler.running if r.aborted]:
-            self._complete(req, finish_reason="cancelled")

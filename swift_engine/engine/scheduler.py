@@ -25,6 +25,38 @@ class Scheduler:
     def can_ever_fit(self) -> bool:
         return self.reserve <= self.cache.num_pages
 
+    # ---- the queues: waiting (FIFO) -> running -> finished ----------------
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def requests(self) -> list[Request]:
+        return list(self.waiting) + self.running
+
+    def abort(self, request_id: str | None = None) -> None:
+        """Mark one request (or, with None, every request) aborted; it ends at the next step."""
+        for req in self.requests():
+            if request_id is None or req.id == request_id:
+                req.aborted = True
+
+    def take_aborted(self) -> list[Request]:
+        """Aborted requests, waiting ones removed from the queue (running ones leave through finish)."""
+        gone = [r for r in self.waiting if r.aborted]
+        self.waiting = deque(r for r in self.waiting if not r.aborted)
+        return gone + [r for r in self.running if r.aborted]
+
+    def take_all(self) -> list[Request]:
+        """Every queued request, waiting ones removed (a failed step ends them all)."""
+        everything = self.requests()
+        self.waiting.clear()
+        return everything
+
+    def finish(self, req: Request) -> None:
+        if req in self.running:
+            self.running.remove(req)
+
     def admit(self, sessions: "OrderedDict[str, Session]") -> list[Request]:
         """Move waiting requests to running while pages (after LRU eviction) allow."""
         admitted = []

@@ -1,0 +1,56 @@
+"""What the engine publishes after each step for routing, autoscaling, metrics and health.
+
+The engine thread builds a fresh, immutable `EngineView` after every step (and
+after queued calls ran); readers on other threads take the current one without
+waiting for the engine, whatever step is running.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from .core import EngineCore
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    pages_total: int
+    pages_free: int
+    pages_used: int
+    pages_evictable: int  # held by idle sessions: LRU eviction can free them
+    pages_to_admit: int   # free pages (after eviction) a session needs to start a turn
+    sessions_resident: int
+    sessions_known: int
+    sessions_running: int
+    queue_depth: int
+    evictions: int
+    rebuilds: int
+    tokens_generated: int
+    tokens_per_s: float
+
+
+@dataclass(frozen=True)
+class EngineView:
+    stats: EngineStats
+    resident: tuple[str, ...]  # sessions holding cache pages or running
+
+
+def view_of(core: EngineCore, started_at: float) -> EngineView:
+    """One pass over the sessions (engine thread only)."""
+    resident, evictable, running = [], 0, 0
+    for sid, s in core.sessions.items():
+        if s.table.pages or s.running:
+            resident.append(sid)
+        if s.running:
+            running += 1
+        else:
+            evictable += s.table.pages
+    cache, sched = core.cache, core.scheduler
+    stats = EngineStats(
+        pages_total=cache.num_pages, pages_free=len(cache.free), pages_used=cache.num_pages - len(cache.free),
+        pages_evictable=evictable, pages_to_admit=sched.reserve,
+        sessions_resident=sum(1 for sid in resident if core.sessions[sid].table.pages),
+        sessions_known=len(core.sessions), sessions_running=running, queue_depth=len(sched.waiting),
+        evictions=sched.evictions, rebuilds=core.rebuilds, tokens_generated=core.tokens_generated,
+        tokens_per_s=core.tokens_generated / max(time.monotonic() - started_at, 1e-9))
+    return EngineView(stats, tuple(resident))
