@@ -84,12 +84,6 @@ class MemoryRecords:
         self._records.pop(key, None)
         return existed
 
-    def touch(self, key: str, ttl_s: float) -> bool:
-        record = self.get(key)
-        if record is not None:
-            self._put(key, record, ttl_s, time.time())
-        return record is not None
-
     def _put(self, key: str, record: SessionRecord, ttl_s: float, now: float) -> None:
         self._records[key] = (record, now + ttl_s if ttl_s else 0.0)
         if now >= self._next_sweep:  # drop expired records at most once a second
@@ -151,16 +145,6 @@ class EmbeddedSessionStore(SessionStore):
 
     async def delete(self, session_id: str) -> bool:
         return await self._call("delete", record_key(self._prefix, session_id))
-
-    async def touch(self, session_id: str) -> bool:
-        return await self._call("touch", record_key(self._prefix, session_id), self._ttl_s)
-
-    async def ping(self) -> bool:
-        try:
-            await self._call("get", record_key(self._prefix, "ping"))
-        except StoreUnavailableError:
-            return False
-        return True
 
     async def close(self) -> None:
         self._actor = None  # the actor is shared: closing a client must not stop it

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from pydantic import ValidationError
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
@@ -38,11 +40,72 @@ from routing.store import (
     check_owner,
     check_prefix,
     check_ttl,
-    decode_record,
-    encode_record,
     record_key,
     stamp,
 )
+
+# --- record encoding --------------------------------------------------------------
+# A record is a Redis hash of three fields. epoch and owner stand alone so Lua can
+# fence on them without parsing JSON; body is the JSON of every other field.
+
+RECORD_FIELDS = frozenset({"epoch", "owner", "body"})
+_EPOCH_TEXT = re.compile(r"0|[1-9][0-9]{0,18}")  # canonical, as HINCRBY writes it
+
+
+def encode_record(record: SessionRecord) -> dict[str, str]:
+    """Hash fields for ``record``."""
+    body = record.model_dump(exclude={"epoch", "owner"})
+    return {
+        "epoch": str(record.epoch),
+        "owner": record.owner,
+        "body": json.dumps(body, separators=(",", ":"), allow_nan=False),
+    }
+
+
+def decode_record(session_id: str, fields: Mapping[bytes | str, bytes | str]) -> SessionRecord:
+    """Validate hash fields read from the store; anything malformed raises CorruptRecordError."""
+
+    def corrupt(reason: str) -> CorruptRecordError:
+        return CorruptRecordError(f"corrupt session record for {session_id!r}: {reason}")
+
+    try:
+        text = {_text(k): _text(v) for k, v in fields.items()}
+    except UnicodeDecodeError:
+        raise corrupt("a field is not UTF-8 text") from None
+    if set(text) != RECORD_FIELDS:
+        raise corrupt(f"expected fields {sorted(RECORD_FIELDS)}, found {sorted(text)[:8]}")
+    if not _EPOCH_TEXT.fullmatch(text["epoch"]):
+        raise corrupt("epoch is not a non-negative integer")
+    try:
+        body = json.loads(text["body"])
+    except (ValueError, RecursionError):  # JSONDecodeError, huge ints, deep nesting
+        raise corrupt("body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise corrupt(f"body is a JSON {type(body).__name__}, not an object")
+    if body.keys() & {"epoch", "owner"}:
+        raise corrupt("body repeats epoch/owner")
+    try:
+        record = SessionRecord.model_validate(
+            {**body, "epoch": int(text["epoch"]), "owner": text["owner"]}, strict=True
+        )
+    except ValidationError as err:
+        raise corrupt(_summary(err)) from None
+    if record.session_id != session_id:
+        raise corrupt(f"it names session {record.session_id!r}")
+    return record
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def _summary(err: ValidationError) -> str:
+    """Field paths and reasons, without echoing the (possibly huge) input."""
+    errors = err.errors(include_input=False, include_url=False, include_context=False)
+    parts = [f"{'.'.join(map(str, e['loc'])) or 'record'}: {e['msg']}" for e in errors[:3]]
+    more = f" (+{len(errors) - 3} more)" if len(errors) > 3 else ""
+    return "; ".join(parts) + more
+
 
 # check(key) returns the key's kind ('none' or 'hash') and the stored epoch, or
 # raises a CORRUPT/WRONGTYPE error reply, so both scripts refuse foreign data
@@ -188,21 +251,6 @@ class RedisSessionStore(SessionStore):
         key = record_key(self._prefix, session_id)
         with self._errors():
             return bool(await self._redis.delete(key))
-
-    async def touch(self, session_id: str) -> bool:
-        key = record_key(self._prefix, session_id)
-        with self._errors():
-            if self._ttl_ms:
-                return bool(await self._redis.pexpire(key, self._ttl_ms))
-            await self._redis.persist(key)
-            return bool(await self._redis.exists(key))
-
-    async def ping(self) -> bool:
-        try:
-            with self._errors():
-                return bool(await self._redis.ping())
-        except StoreUnavailableError:
-            return False
 
     async def close(self) -> None:
         await self._redis.aclose()

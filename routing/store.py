@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import json
 import math
-import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DEFAULT_PREFIX = "swiftserve"
 DEFAULT_TTL_S = 7 * 24 * 3600.0
@@ -213,74 +210,11 @@ def record_key(prefix: str, session_id: str) -> str:
     return f"{check_prefix(prefix)}:{{{escaped}}}:rec"
 
 
-# --- record encoding --------------------------------------------------------------
-# A record is a Redis hash of three fields. epoch and owner stand alone so Lua can
-# fence on them without parsing JSON; body is the JSON of every other field.
-
-RECORD_FIELDS = frozenset({"epoch", "owner", "body"})
-_EPOCH_TEXT = re.compile(r"0|[1-9][0-9]{0,18}")  # canonical, as HINCRBY writes it
-
-
-def encode_record(record: SessionRecord) -> dict[str, str]:
-    """Hash fields for ``record``."""
-    body = record.model_dump(exclude={"epoch", "owner"})
-    return {
-        "epoch": str(record.epoch),
-        "owner": record.owner,
-        "body": json.dumps(body, separators=(",", ":"), allow_nan=False),
-    }
-
-
-def decode_record(session_id: str, fields: Mapping[bytes | str, bytes | str]) -> SessionRecord:
-    """Validate hash fields read from the store; anything malformed raises CorruptRecordError."""
-
-    def corrupt(reason: str) -> CorruptRecordError:
-        return CorruptRecordError(f"corrupt session record for {session_id!r}: {reason}")
-
-    try:
-        text = {_text(k): _text(v) for k, v in fields.items()}
-    except UnicodeDecodeError:
-        raise corrupt("a field is not UTF-8 text") from None
-    if set(text) != RECORD_FIELDS:
-        raise corrupt(f"expected fields {sorted(RECORD_FIELDS)}, found {sorted(text)[:8]}")
-    if not _EPOCH_TEXT.fullmatch(text["epoch"]):
-        raise corrupt("epoch is not a non-negative integer")
-    try:
-        body = json.loads(text["body"])
-    except (ValueError, RecursionError):  # JSONDecodeError, huge ints, deep nesting
-        raise corrupt("body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise corrupt(f"body is a JSON {type(body).__name__}, not an object")
-    if body.keys() & {"epoch", "owner"}:
-        raise corrupt("body repeats epoch/owner")
-    try:
-        record = SessionRecord.model_validate(
-            {**body, "epoch": int(text["epoch"]), "owner": text["owner"]}, strict=True
-        )
-    except ValidationError as err:
-        raise corrupt(_summary(err)) from None
-    if record.session_id != session_id:
-        raise corrupt(f"it names session {record.session_id!r}")
-    return record
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else value
-
-
-def _summary(err: ValidationError) -> str:
-    """Field paths and reasons, without echoing the (possibly huge) input."""
-    errors = err.errors(include_input=False, include_url=False, include_context=False)
-    parts = [f"{'.'.join(map(str, e['loc'])) or 'record'}: {e['msg']}" for e in errors[:3]]
-    more = f" (+{len(errors) - 3} more)" if len(errors) > 3 else ""
-    return "; ".join(parts) + more
-
-
 # --- the contract -----------------------------------------------------------------
 
 
 class SessionStore(abc.ABC):
-    """Async conversation store. Every write (claim, commit, touch) resets the key's TTL."""
+    """Async conversation store. Every write (claim, commit) resets the key's TTL."""
 
     @abc.abstractmethod
     async def get(self, session_id: str) -> SessionRecord | None:
@@ -306,14 +240,6 @@ class SessionStore(abc.ABC):
     async def delete(self, session_id: str) -> bool:
         """Remove the session's record; True if there was one. The epoch goes too:
         the next claim starts again at 1."""
-
-    @abc.abstractmethod
-    async def touch(self, session_id: str) -> bool:
-        """Reset the TTL without changing the record; True if there is one."""
-
-    @abc.abstractmethod
-    async def ping(self) -> bool:
-        """True if the store answers, False if it is unavailable (StoreAuthError if it refuses us)."""
 
     @abc.abstractmethod
     async def close(self) -> None:

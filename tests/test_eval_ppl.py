@@ -139,7 +139,7 @@ def test_first_token_probe_is_the_dense_forward(pair):
 
 
 def test_corpus_helpers(tmp_path):
-    from swift_engine.eval import corpus
+    from benchmarks import corpus
 
     raw = "Ge1:1 In the beginning.\nGe1:2 And the earth.\nGe2:1 Thus the heavens.\n1Tim1:1 Paul, an apostle.\n"
     books = corpus.format_bible(raw)
@@ -160,7 +160,8 @@ def test_training_recipe_writes_a_checkpoint_the_engine_and_hf_load(tmp_path):
     import numpy as np
     from transformers import LlamaForCausalLM
 
-    from swift_engine.eval import corpus, train
+    from benchmarks import corpus
+    from benchmarks import train_reference as train
     from swift_engine.tokenizer import ChatTokenizer
 
     data = tmp_path / "corpus"

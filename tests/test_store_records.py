@@ -11,13 +11,11 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from routing.redis_store import RedisSessionStore
+from routing.redis_store import RedisSessionStore, decode_record, encode_record
 from routing.store import (
     MAX_EPOCH,
     CorruptRecordError,
     SessionRecord,
-    decode_record,
-    encode_record,
     record_key,
 )
 from tests.redis_server import RedisServer

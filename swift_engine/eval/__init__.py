@@ -1,2 +1,2 @@
-"""Streaming-quality evaluation: perplexity harness (`ppl`), corpus builder (`corpus`) and the
-training recipe of the small reference model (`train`, a self-contained script)."""
+"""Streaming-quality evaluation: the perplexity harness (`ppl`). The corpus builder and the
+training recipe of the bundled reference model live under benchmarks/ (corpus.py, train_reference.py)."""

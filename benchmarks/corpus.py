@@ -21,7 +21,7 @@ Output folder (default `.corpus/`, ignored by git):
   tokenizer/     Hugging Face tokenizer files (tokenizer.json, tokenizer_config.json, ...)
   manifest.json  package versions and sha256, document and token counts, split rule
 
-    python -m swift_engine.eval.corpus --out .corpus
+    python -m benchmarks.corpus --out .corpus
 """
 from __future__ import annotations
 
@@ -152,7 +152,7 @@ def train_tokenizer(texts, vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from ..models.tiny import CHAT_TEMPLATE
+    from swift_engine.models.tiny import CHAT_TEMPLATE
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -215,7 +215,7 @@ def build(out: Path, vocab_size: int = 4096, heldout_percent: int = 3, workdir: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m swift_engine.eval.corpus", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.corpus", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path(".corpus"))
     ap.add_argument("--vocab-size", type=int, default=4096)
     ap.add_argument("--heldout-percent", type=int, default=3)

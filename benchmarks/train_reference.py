@@ -1,4 +1,4 @@
-"""Train the small Llama-style reference model on the corpus of `swift_engine.eval.corpus`.
+"""Train the small Llama-style reference model on the corpus of `benchmarks/corpus.py`.
 
 Plain PyTorch on Hugging Face's `LlamaForCausalLM` (SDPA attention), saved as an ordinary HF
 checkpoint (bf16 safetensors + config.json + generation_config.json + the corpus's tokenizer)
@@ -13,7 +13,7 @@ gradient clipping 1.0, bf16 autocast (CPU and CUDA; `--amp off` for fp32).
 Self-contained on purpose (imports torch, numpy, safetensors, transformers only; never the
 `swift_engine` package, so it runs on a bare GPU box): run it as a script,
 
-    python swift_engine/eval/train.py --data .corpus --out /tmp/swiftserve-llama-7m --minutes 20
+    python benchmarks/train_reference.py --data .corpus --out /tmp/swiftserve-llama-7m --minutes 20
 
 `--minutes` sets the step count from the measured speed of the first steps (the log records the
 count; pass `--steps N` to replay the same schedule). `--device cuda --compile` on a GPU.
@@ -204,7 +204,7 @@ def train(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="swift_engine/eval/train.py", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="benchmarks/train_reference.py", description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=Path(".corpus"), help="output folder of the corpus builder")
     ap.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="7m")
