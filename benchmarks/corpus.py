@@ -42,7 +42,6 @@ PACKAGES = {  # source name -> apt package patterns (first that apt knows wins)
     "linux-doc": ["linux-doc"],
     "perl-doc": ["perl-doc"],
 }
-SPECIAL_TOKENS = ["<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 DOC_SEPARATOR = "\n\n\n"
 
 BOOKS = dict(zip(  # the `bible` program's abbreviations -> book names, in canonical order
@@ -152,7 +151,7 @@ def train_tokenizer(texts, vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from swift_engine.models.tiny import CHAT_TEMPLATE
+    from swift_engine.models.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -93,11 +93,6 @@ def held_epoch(stats: Mapping[str, Any], session_id: str) -> int | None:
     return int(epochs[i]) if len(epochs) == len(keys) else 0
 
 
-def holds(stats: Mapping[str, Any], session_id: str) -> bool:
-    """Whether stats (from `record_routing_stats`) say the replica holds the session."""
-    return held_epoch(stats, session_id) is not None
-
-
 def hrw_weight(session_id: str, replica_id: str) -> int:
     """Rendezvous weight of a replica for a session: the highest weight wins."""
     return mmh3.hash64(

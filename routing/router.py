@@ -69,7 +69,6 @@ class SessionAffinityRouter(RequestRouter):
         self._decisions = _decision_counter(
             app=self._deployment_id.app_name, deployment=self._deployment_id.name
         )
-        self._recent = RecentPlacements(DEFAULT_RECENT_TTL_S)
 
     def initialize_state(self, recent_ttl_s: float = DEFAULT_RECENT_TTL_S) -> None:
         """Called by Ray with `request_router_kwargs`."""

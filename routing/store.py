@@ -92,10 +92,9 @@ def check_session_id(session_id: str) -> str:
             f"session id is {len(session_id)} characters; the limit is {MAX_SESSION_ID_LEN}"
         )
     try:
-        session_id.encode("utf-8")
+        return _check_utf8(session_id)
     except UnicodeEncodeError:
         raise InvalidSessionIdError("session id is not encodable as UTF-8") from None
-    return session_id
 
 
 def _check_utf8(value: str) -> str:

@@ -26,7 +26,7 @@ class GenerationEvent:
     text: str = ""
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None  # (token id, log-prob), most likely first, when asked
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" (text says why)
     usage: Usage | None = None
     # score requests: log-probability of each scored token (None where no context)
     logprobs: list[float | None] = field(default_factory=list)

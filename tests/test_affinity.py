@@ -19,7 +19,6 @@ from routing.affinity import (
     Kind,
     decide,
     held_epoch,
-    holds,
     pack_epochs,
     pack_sessions,
     rendezvous_order,
@@ -130,13 +129,13 @@ def test_session_key_is_pinned():
     assert session_key("conversation-42") == 15931266621572128788
 
 
-def test_pack_and_holds_round_trip_through_json():
+def test_pack_and_held_epoch_round_trip_through_json():
     held = ["alpha", "beta", "gamma", "beta"]
     st = json.loads(json.dumps(stats("r1", held)))
     assert st["sessions"] == sorted(set(st["sessions"])) and len(st["sessions"]) == 3
-    assert all(holds(st, s) for s in held)
-    assert not any(holds(st, s) for s in ["delta", "alphA", ""])
-    assert not holds({}, "alpha")
+    assert all(held_epoch(st, s) is not None for s in held)
+    assert not any(held_epoch(st, s) is not None for s in ["delta", "alphA", ""])
+    assert held_epoch({}, "alpha") is None
 
 
 def test_epochs_align_with_sessions_through_json():

@@ -1,4 +1,4 @@
-"""The embedded local default: a tiny Llama with fixed-seed random weights and a byte-level tokenizer.
+"""The embedded test model: a tiny Llama with fixed-seed random weights and a byte-level tokenizer.
 
 Written once as an ordinary Hugging Face checkpoint directory, so it loads
 through the same path as real models and HF transformers can load it too.
