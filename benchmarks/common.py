@@ -145,10 +145,13 @@ def random_ids(n: int, vocab: int, seed: int = 0) -> list[int]:
     return torch.randint(3, vocab, (n,), generator=g).tolist()
 
 
-def submit_generate(core: EngineCore, sid: str, prompt: list[int], max_tokens: int) -> Request:
+def submit_generate(core: EngineCore, sid: str, prompt: list[int], max_tokens: int,
+                    sampling: SamplingParams | None = None) -> Request:
+    """A generate request of `max_tokens` (greedy unless `sampling` says otherwise; eos ignored)."""
     # events are dropped: a benchmark that kept them would make Python's GC slower step after step
+    sampling = (sampling or SamplingParams()).model_copy(update=dict(max_tokens=max_tokens, ignore_eos=True))
     req = Request(f"r-{sid}-{time.monotonic_ns()}", sid, "generate", list(prompt), emit=lambda ev: None,
-                  sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+                  sampling=sampling)
     core.submit(req)
     return req
 
