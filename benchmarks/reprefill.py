@@ -24,7 +24,7 @@ S = 4
 
 def rebuild_once(core, ids: list[int], sid: str = "r") -> float:
     snap = SessionSnapshot(session_id=sid, sink_ids=ids[:S], tail_ids=ids[S:], tokens_seen=100 * len(ids))
-    req = Request(f"rb-{time.monotonic_ns()}", sid, "rebuild", [], emit=lambda ev: None)
+    req = Request(f"rb-{time.monotonic_ns()}", sid, "reprefill", [], emit=lambda ev: None)
     torch.cuda.synchronize()
     t = time.perf_counter()
     core.restore(req, snap)

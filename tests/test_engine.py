@@ -71,7 +71,7 @@ async def test_lru_eviction_when_pool_full():
     snap = e.snapshot("old")  # still obtainable for the store
     assert snap.tokens_seen == 64
     events = await run(e, "old", prompt_token_ids=[5], sampling=GREEDY)
-    assert events[-1].finish_reason == "length" and e.stats().rebuilds >= 1
+    assert events[-1].finish_reason == "length" and e.stats().reprefills >= 1
     e.shutdown()
 
 
@@ -221,7 +221,7 @@ async def test_a_failing_step_fails_its_requests_not_the_engine():
     e.core.runner.run = broken
     with pytest.raises(EngineError, match="injected device fault"):
         await run(e, "faulty", **turn2)
-    # the session rebuilds from its retained ids and continues exactly
+    # the session reprefills from its retained ids and continues exactly
     assert ids_of(await run(e, "faulty", **turn2)) == expected
     assert e.snapshot("faulty") == e.snapshot("clean").model_copy(update={"session_id": "faulty"})
     e.shutdown()

@@ -136,7 +136,7 @@ class StreamingEngine:
     async def restore(self, session_id: str, snapshot: SessionSnapshot) -> float:
         """Rebuild a session from a snapshot (re-prefill of at most S + W ids); returns seconds."""
         start = time.perf_counter()
-        req = Request(uuid.uuid4().hex, session_id, "rebuild", [], emit=None)
+        req = Request(uuid.uuid4().hex, session_id, "reprefill", [], emit=None)
         async for _ in self._stream(req, lambda r: self.core.restore(r, snapshot)):
             pass
         return time.perf_counter() - start

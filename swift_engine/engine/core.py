@@ -40,7 +40,7 @@ class EngineCore:
         self.sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self.vocab_size = a.vocab_size
         self.tokens_generated = 0
-        self.rebuilds = 0
+        self.reprefills = 0
 
     @staticmethod
     def _pages_for_memory(config: EngineConfig, a) -> int:
@@ -57,7 +57,7 @@ class EngineCore:
         session = session or Session(req.session_id, self.config.sink_tokens, self.config.window_tokens)
         if messages is not None:
             req.new_ids, req.new_messages = self._render_turn(session, messages)
-        self._check_ids(req.new_ids, allow_empty=req.kind == "rebuild")
+        self._check_ids(req.new_ids, allow_empty=req.kind == "reprefill")
         if len(req.new_ids) > self.config.max_prompt_tokens:
             raise InvalidRequestError(f"turn has {len(req.new_ids)} prompt tokens; the limit "
                                       f"(max_prompt_tokens) is {self.config.max_prompt_tokens}")
@@ -160,10 +160,10 @@ class EngineCore:
     def _start(self, req: Request) -> None:
         session = self.sessions[req.session_id]
         replay = session.replay_prefix()
-        if session.needs_rebuild:
+        if session.needs_reprefill:
             self.cache.release(session.table)
-            self.rebuilds += 1
-        if req.kind == "rebuild":  # the newest retained id stays pending, as before the loss
+            self.reprefills += 1
+        if req.kind == "reprefill":  # the newest retained id stays pending, as before the loss
             replay = replay[:-1]
         feed_new = req.new_ids[:-1] if req.kind == "score" else req.new_ids
         req.feed, req.n_replay, req.phase = replay + feed_new, len(replay), "prefill"
@@ -188,7 +188,7 @@ class EngineCore:
                 session.see(req.feed[i])
         req.fed += n
         self.cache.evict(session.table)
-        session.pending, session.needs_rebuild = None, False
+        session.pending, session.needs_reprefill = None, False
         if req.kind == "score":
             req.logprobs += self._scored_logprobs(req, logits, n)
         if req.remaining > 0:
@@ -206,15 +206,15 @@ class EngineCore:
         return lp[torch.arange(len(rows)), torch.tensor(targets, dtype=torch.long)].tolist()
 
     def _finish_feed(self, req: Request) -> None:
-        """A score or rebuild request has fed everything: complete it."""
+        """A score or re-prefill request has fed everything: complete it."""
         session = self.sessions[req.session_id]
         if req.kind == "score" and req.new_ids:
             session.see(req.new_ids[-1])
             session.pending = req.new_ids[-1]
-        if req.kind == "rebuild":
+        if req.kind == "reprefill":
             retained = session.retained()
             session.pending = retained[-1] if retained else None
-            session.needs_rebuild = False
+            session.needs_reprefill = False
         self._complete(req, finish_reason="stop")
 
     def _sample(self, ready: list[tuple[Request, torch.Tensor]]) -> None:
@@ -257,8 +257,8 @@ class EngineCore:
                 session.messages_digest = chain_digest(session.messages_digest, consumed)
                 session.messages_consumed += len(consumed)
         if finish_reason == "cancelled" and req.fed < req.n_replay:
-            self.cache.release(session.table)  # replay cut short: rebuild from retained ids next time
-            session.needs_rebuild = True
+            self.cache.release(session.table)  # replay cut short: re-prefill the retained ids next time
+            session.needs_reprefill = True
         session.running = False
         session.last_used = time.monotonic()
         req.phase = "done"
@@ -267,10 +267,10 @@ class EngineCore:
         req.emit(req.event(finish_reason=finish_reason, usage=usage, logprobs=req.logprobs, **kw))
 
     def fail_all(self, message: str) -> None:
-        """A step raised: end every request with an error; their sessions rebuild from retained ids."""
+        """A step raised: end every request with an error; their sessions re-prefill from retained ids."""
         for req in self.scheduler.take_all():
             session = self.sessions[req.session_id]
             self.cache.release(session.table)  # the failed step may have left pages half-written
-            session.needs_rebuild = bool(session.retained())
+            session.needs_reprefill = bool(session.retained())
             session.pending = None
             self._complete(req, finish_reason="error", text=message)

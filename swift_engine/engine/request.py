@@ -1,4 +1,4 @@
-"""A request's progress through the engine: generate, score, or rebuild (re-prefill)."""
+"""A request's progress through the engine: generate, score, or re-prefill (of retained ids)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,7 +8,7 @@ from ..outputs import GenerationEvent
 from ..sampling import LogitState, SamplingParams
 from ..tokenizer import IncrementalDetokenizer, StopStringMatcher
 
-Kind = Literal["generate", "score", "rebuild"]
+Kind = Literal["generate", "score", "reprefill"]
 
 
 @dataclass

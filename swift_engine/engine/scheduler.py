@@ -76,11 +76,11 @@ class Scheduler:
     def _make_room(self, need: int, sessions: "OrderedDict[str, Session]") -> bool:
         while len(self.cache.free) - self._outstanding(sessions) < need:
             victim = next((s for s in sessions.values()
-                           if not s.running and s.table.pages and not s.needs_rebuild), None)
+                           if not s.running and s.table.pages and not s.needs_reprefill), None)
             if victim is None:
                 return False
             self.cache.release(victim.table)  # least recently used first: `sessions` is LRU-ordered
-            victim.needs_rebuild = True
+            victim.needs_reprefill = True
             self.evictions += 1
         return True
 

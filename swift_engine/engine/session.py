@@ -19,7 +19,7 @@ def chain_digest(digest: str, messages: list[dict]) -> str:
 
 
 class Session:
-    """Token ids retained for rebuilding: the first S (sinks) and the last W after them.
+    """Token ids retained for re-prefilling: the first S (sinks) and the last W after them.
 
     `pending` is the newest token: seen, but its key/value not yet computed
     (it is fed as the first input of the next step that touches the session).
@@ -37,7 +37,7 @@ class Session:
         self.messages_digest = ""
         self.open_turn = False
         self.table = PageTable()
-        self.needs_rebuild = False  # pages were released: replay retained ids first
+        self.needs_reprefill = False  # pages were released: replay retained ids first
         self.running = False
         self.last_used = time.monotonic()
 
@@ -53,7 +53,7 @@ class Session:
 
     def replay_prefix(self) -> list[int]:
         """Already-seen ids the next step must feed before new tokens."""
-        if self.needs_rebuild:
+        if self.needs_reprefill:
             return self.retained()
         return [] if self.pending is None else [self.pending]
 
@@ -71,5 +71,5 @@ class Session:
         s.tokens_seen, s.turns = snap.tokens_seen, snap.turns
         s.messages_consumed, s.messages_digest = snap.messages_consumed, snap.messages_digest
         s.open_turn = snap.open_turn
-        s.needs_rebuild = bool(s.sink_ids)
+        s.needs_reprefill = bool(s.sink_ids)
         return s

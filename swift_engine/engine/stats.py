@@ -24,7 +24,7 @@ class EngineStats:
     sessions_running: int
     queue_depth: int
     evictions: int
-    rebuilds: int
+    reprefills: int
     tokens_generated: int
     tokens_per_s: float
 
@@ -51,6 +51,6 @@ def view_of(core: EngineCore, started_at: float) -> EngineView:
         pages_evictable=evictable, pages_to_admit=sched.reserve,
         sessions_resident=sum(1 for sid in resident if core.sessions[sid].table.pages),
         sessions_known=len(core.sessions), sessions_running=running, queue_depth=len(sched.waiting),
-        evictions=sched.evictions, rebuilds=core.rebuilds, tokens_generated=core.tokens_generated,
+        evictions=sched.evictions, reprefills=core.reprefills, tokens_generated=core.tokens_generated,
         tokens_per_s=core.tokens_generated / max(time.monotonic() - started_at, 1e-9))
     return EngineView(stats, tuple(resident))
