@@ -1,6 +1,7 @@
 """Typed application arguments (the `args:` block of a Serve config)."""
 from __future__ import annotations
 
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -15,8 +16,13 @@ class Limits(BaseModel):
 
     max_request_bytes: int = Field(8 * 2**20, ge=1024, description="larger request bodies get 413")
     max_messages: int = Field(8192, ge=1, description="more messages in one chat request get 400")
-    max_concurrent_streams: int = Field(128, ge=1, description="completion requests (streamed or not) in "
-                                                               "flight per tenant; more get 429")
+    max_concurrent_requests: int = Field(128, ge=1, description="requests in flight per tenant, every route "
+                                                                "(streams until their last byte); more get 429")
+    body_timeout_s: float = Field(10.0, gt=0, description="a body not fully received this long after the "
+                                                          "headers gets 408")
+    max_sessions_per_tenant: int | None = Field(None, ge=1, description="live sessions (stored records) per "
+                                                                        "tenant, deployment-wide (kept in the "
+                                                                        "store); a new one past it gets 429")
     rate_limit_per_s: float | None = Field(100.0, gt=0, description="per-tenant token bucket refill, "
                                                                      "requests/s; None: no rate limit")
     rate_limit_burst: int = Field(200, ge=1, description="per-tenant token bucket size (requests)")
@@ -33,6 +39,9 @@ class AppArgs(BaseModel):
     store_key_prefix: str = "swiftserve"
     session_ttl_s: int = Field(7 * 24 * 3600, ge=0)
     commit_timeout_s: float = Field(5.0, gt=0, description="commit retries stop after this long")
+    durability: Literal["strict", "relaxed"] = Field(
+        "strict", description="store unreachable at commit: strict fails the turn; relaxed acknowledges it as "
+                              "not yet durable and writes it through when the store is back")
     max_completion_tokens: int = Field(4096, ge=1, description="largest max_tokens a request may ask")
     stream_batching_interval_ms: float = Field(50.0, ge=0, le=1000, description=(
         "LLMServer merges a turn's tokens arriving within this interval into one message to the ingress "

@@ -1,4 +1,4 @@
-"""Per-tenant request limits of one ingress replica: a token-bucket rate and concurrent streams."""
+"""Per-tenant request limits of one ingress replica: a token-bucket rate and requests in flight."""
 from __future__ import annotations
 
 import math
@@ -31,7 +31,7 @@ class TenantLimiter:
     def __init__(self, limits: Limits, clock: Callable[[], float] = time.monotonic):
         self.limits, self.clock = limits, clock
         self.buckets: dict[str, TokenBucket] = {}
-        self.streams: dict[str, int] = {}
+        self.in_flight: dict[str, int] = {}
 
     def retry_after(self, tenant: str) -> int:
         """0 if the tenant may send this request now (it is counted), else whole seconds to wait."""
@@ -43,12 +43,12 @@ class TenantLimiter:
         wait = bucket.take(now)
         return max(1, math.ceil(wait)) if wait > 0 else 0
 
-    def open_stream(self, tenant: str) -> bool:
-        """Count one more stream of the tenant; False (not counted) if it has the most it may."""
-        if self.streams.get(tenant, 0) >= self.limits.max_concurrent_streams:
+    def enter(self, tenant: str) -> bool:
+        """Count one more request of the tenant in flight; False (not counted) if it has the most it may."""
+        if self.in_flight.get(tenant, 0) >= self.limits.max_concurrent_requests:
             return False
-        self.streams[tenant] = self.streams.get(tenant, 0) + 1
+        self.in_flight[tenant] = self.in_flight.get(tenant, 0) + 1
         return True
 
-    def close_stream(self, tenant: str) -> None:
-        self.streams[tenant] -= 1
+    def leave(self, tenant: str) -> None:
+        self.in_flight[tenant] -= 1

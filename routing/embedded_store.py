@@ -28,6 +28,7 @@ from routing.store import (
     check_owner,
     check_prefix,
     check_ttl,
+    group_key,
     record_key,
     stamp,
 )
@@ -44,6 +45,7 @@ class MemoryRecords:
 
     def __init__(self) -> None:
         self._records: dict[str, tuple[SessionRecord, float]] = {}  # key -> (record, deadline)
+        self._groups: dict[str, dict[str, float]] = {}  # group key -> session id -> deadline (0: none)
         self._next_sweep = 0.0
 
     def get(self, key: str) -> SessionRecord | None:
@@ -83,6 +85,18 @@ class MemoryRecords:
         existed = self.get(key) is not None  # an expired record counts as gone
         self._records.pop(key, None)
         return existed
+
+    def admit(self, key: str, session_id: str, limit: int, ttl_s: float) -> bool:
+        now = time.time()
+        live = {s: d for s, d in self._groups.get(key, {}).items() if not d or d > now}
+        if session_id not in live and len(live) >= limit:
+            return False
+        live[session_id] = now + ttl_s if ttl_s else 0.0
+        self._groups[key] = live
+        return True
+
+    def release(self, key: str, session_id: str) -> None:
+        self._groups.get(key, {}).pop(session_id, None)
 
     def _put(self, key: str, record: SessionRecord, ttl_s: float, now: float) -> None:
         self._records[key] = (record, now + ttl_s if ttl_s else 0.0)
@@ -145,6 +159,12 @@ class EmbeddedSessionStore(SessionStore):
 
     async def delete(self, session_id: str) -> bool:
         return await self._call("delete", record_key(self._prefix, session_id))
+
+    async def admit(self, group: str, session_id: str, limit: int) -> bool:
+        return await self._call("admit", group_key(self._prefix, group), session_id, limit, self._ttl_s)
+
+    async def release(self, group: str, session_id: str) -> None:
+        await self._call("release", group_key(self._prefix, group), session_id)
 
     async def close(self) -> None:
         self._actor = None  # the actor is shared: closing a client must not stop it

@@ -40,6 +40,7 @@ from routing.store import (
     check_owner,
     check_prefix,
     check_ttl,
+    group_key,
     record_key,
     stamp,
 )
@@ -168,6 +169,17 @@ return {1}
 """
 )
 
+# KEYS[1] group key (a sorted set: session id -> expiry ms). ARGV: session id, limit, now ms, expiry ms
+# ('+inf' without TTL), ttl ms. Returns 1 if counted, 0 if the group is full.
+_ADMIT = """
+local key = KEYS[1]
+redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. ARGV[3])
+if not redis.call('ZSCORE', key, ARGV[1]) and redis.call('ZCARD', key) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', key, ARGV[4], ARGV[1])
+if tonumber(ARGV[5]) > 0 then redis.call('PEXPIRE', key, ARGV[5]) else redis.call('PERSIST', key) end
+return 1
+"""
+
 _CORRUPT_CODES = ("WRONGTYPE", "CORRUPT")
 
 
@@ -208,6 +220,7 @@ class RedisSessionStore(SessionStore):
         )
         self._claim = self._redis.register_script(_CLAIM)
         self._commit = self._redis.register_script(_COMMIT)
+        self._admit = self._redis.register_script(_ADMIT)
 
     def __repr__(self) -> str:
         return f"RedisSessionStore({self._where!r}, prefix={self._prefix!r})"
@@ -254,6 +267,17 @@ class RedisSessionStore(SessionStore):
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+    async def admit(self, group: str, session_id: str, limit: int) -> bool:
+        now_ms = int(time.time() * 1000)
+        expiry = now_ms + self._ttl_ms if self._ttl_ms else "+inf"
+        with self._errors(session_id):
+            return bool(await self._admit(keys=[group_key(self._prefix, group)],
+                                          args=[session_id, limit, now_ms, expiry, self._ttl_ms]))
+
+    async def release(self, group: str, session_id: str) -> None:
+        with self._errors(session_id):
+            await self._redis.zrem(group_key(self._prefix, group), session_id)
 
     @contextlib.contextmanager
     def _errors(self, session_id: str | None = None) -> Iterator[None]:

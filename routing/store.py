@@ -75,6 +75,10 @@ class StoreUnavailableError(StoreError):
     """The store could not be reached (refused, timed out, failing over); retry with backoff."""
 
 
+class QuotaExceededError(StoreError):
+    """A new session was refused: its group (tenant) has as many live sessions as it may."""
+
+
 class StoreAuthError(StoreError):
     """The store rejected our credentials. Not retryable; the message never holds secrets."""
 
@@ -120,6 +124,7 @@ class SessionRecord(BaseModel):
     messages_consumed: int = Field(ge=0)
     messages_digest: str
     open_turn: bool = False
+    model: str = ""  # the engine's model when committed (SessionSnapshot.model); "" in older records
     # The last committed turn, so a client retrying a turn whose reply it never saw gets that reply
     # back instead of a history conflict (the replica may die between commit and acknowledge).
     last_request_digest: str = ""
@@ -135,7 +140,7 @@ class SessionRecord(BaseModel):
     def _valid_session_id(cls, value: str) -> str:
         return check_session_id(value)
 
-    @field_validator("owner", "messages_digest", "last_request_digest", "last_reply", "last_finish_reason")
+    @field_validator("owner", "messages_digest", "model", "last_request_digest", "last_reply", "last_finish_reason")
     @classmethod
     def _valid_text(cls, value: str) -> str:
         return _check_utf8(value)
@@ -209,6 +214,11 @@ def record_key(prefix: str, session_id: str) -> str:
     return f"{check_prefix(prefix)}:{{{escaped}}}:rec"
 
 
+def group_key(prefix: str, group: str) -> str:
+    """``{prefix}:{<escaped group>}:sessions``: the live sessions of a group (a tenant), for its quota."""
+    return f"{check_prefix(prefix)}:{{{group.translate(_ESCAPES)}}}:sessions"
+
+
 # --- the contract -----------------------------------------------------------------
 
 
@@ -243,6 +253,15 @@ class SessionStore(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Release connections; the store's data is untouched."""
+
+    @abc.abstractmethod
+    async def admit(self, group: str, session_id: str, limit: int) -> bool:
+        """Count ``session_id`` as a live session of ``group`` until the TTL from now (a session counted
+        already is refreshed); False, counting nothing, if ``group`` has ``limit`` other live sessions."""
+
+    @abc.abstractmethod
+    async def release(self, group: str, session_id: str) -> None:
+        """Stop counting ``session_id`` in ``group`` (its session was deleted)."""
 
 
 async def retry_commit(

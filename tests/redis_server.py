@@ -6,6 +6,7 @@ It can be stopped and started again on the same port, to play a Redis outage.
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -25,10 +26,11 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """One redis-server process on 127.0.0.1:``port``; ``password`` sets ``--requirepass``."""
+    """One redis-server process on 127.0.0.1:``port``; ``password`` sets ``--requirepass``; ``aof`` runs it
+    as the k8s Redis does (``appendonly yes``, ``appendfsync everysec``), so a restart reloads the AOF."""
 
-    def __init__(self, password: str | None = None, port: int | None = None) -> None:
-        self.password = password
+    def __init__(self, password: str | None = None, port: int | None = None, aof: bool = False) -> None:
+        self.password, self.aof = password, aof
         self.port = port or free_port()
         self._dir = Path(tempfile.mkdtemp(prefix="swiftserve-redis-"))
         self._proc: subprocess.Popen[bytes] | None = None
@@ -43,7 +45,9 @@ class RedisServer:
         if self._proc is not None:
             raise RuntimeError("redis-server is already running")
         options = {"port": str(self.port), "bind": "127.0.0.1", "dir": str(self._dir)}
-        options |= {"save": "", "appendonly": "no", "logfile": str(self._dir / "redis.log")}
+        options |= {"save": "", "appendonly": "yes" if self.aof else "no", "logfile": str(self._dir / "redis.log")}
+        if self.aof:
+            options["appendfsync"] = "everysec"
         if self.password:
             options["requirepass"] = self.password
         args = [REDIS_SERVER, *(arg for k, v in options.items() for arg in (f"--{k}", v))]
@@ -67,6 +71,13 @@ class RedisServer:
             self._proc.kill()
         self._proc.wait(timeout=10)
         self._proc = None
+
+    def pause(self) -> None:
+        """SIGSTOP: the server still accepts connections (the kernel does) but never answers."""
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._proc.send_signal(signal.SIGCONT)
 
     def close(self) -> None:
         self.stop()

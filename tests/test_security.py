@@ -119,16 +119,16 @@ def test_token_bucket_allows_the_burst_then_refills_at_the_rate():
     assert TenantLimiter(Limits(rate_limit_per_s=None)).retry_after("a") == 0
 
 
-def test_concurrent_streams_are_counted_per_tenant():
-    limiter = TenantLimiter(Limits(max_concurrent_streams=2))
-    assert limiter.open_stream("a") and limiter.open_stream("a") and not limiter.open_stream("a")
-    assert limiter.open_stream("b")
-    limiter.close_stream("a")
-    assert limiter.open_stream("a")
+def test_requests_in_flight_are_counted_per_tenant():
+    limiter = TenantLimiter(Limits(max_concurrent_requests=2))
+    assert limiter.enter("a") and limiter.enter("a") and not limiter.enter("a")
+    assert limiter.enter("b")
+    limiter.leave("a")
+    assert limiter.enter("a")
 
 
 async def guarded(guard: Guard, body_parts: list[bytes], headers: dict[str, str],
-                  path: str = "/v1/chat/completions") -> tuple[int, bytes | None]:
+                  path: str = "/v1/completions") -> tuple[int, bytes | None]:
     """Run one request through the Guard; returns (status, the body the app got or None)."""
     got: list[bytes] = []
     messages = [{"type": "http.request", "body": p, "more_body": i < len(body_parts) - 1}
@@ -164,7 +164,7 @@ async def test_guard_counts_body_bytes_with_and_without_content_length():
     assert await guarded(guard, [b"x" * 10], {**key, "content-length": "1" * 30}) == (413, None)
     assert await guarded(guard, [b"x"], {**key, "content-length": "-1"}) == (400, None)
     assert await guarded(guard, [b"x"], {"authorization": "Bearer the-key-012345678"}) == (401, None)
-    assert guard.limiter.streams["t"] == 0  # every stream slot was given back
+    assert guard.limiter.in_flight["t"] == 0  # every slot was given back
 
 
 # ---- Redis AUTH and TLS ---------------------------------------------------------------------------
@@ -213,7 +213,7 @@ async def test_rediss_url_speaks_tls_to_a_real_redis(tmp_path, monkeypatch):
 
 
 # ---- the real app ---------------------------------------------------------------------------------
-LIMITS = {"max_request_bytes": 4096, "max_messages": 6, "max_concurrent_streams": 2,
+LIMITS = {"max_request_bytes": 4096, "max_messages": 6, "max_concurrent_requests": 2,
           "rate_limit_per_s": 0.2, "rate_limit_burst": 30}
 MAX_PROMPT_TOKENS = 200
 
@@ -359,7 +359,7 @@ async def test_message_and_token_limits_are_400_at_their_value(app):
 @pytest.mark.redis
 async def test_concurrent_streams_limit_is_per_tenant(app):
     url, _ = app
-    limit = LIMITS["max_concurrent_streams"]
+    limit = LIMITS["max_concurrent_requests"]
     long = chat("tell me everything", max_tokens=1024, ignore_eos=True, stream=True)
     async with httpx.AsyncClient(base_url=url, timeout=60) as http:
         streams = [http.stream("POST", "/v1/chat/completions", json=long, headers=auth("conc")) for _ in range(limit)]
@@ -369,7 +369,7 @@ async def test_concurrent_streams_limit_is_per_tenant(app):
             for r, it in zip(opened, lines):
                 assert r.status_code == 200 and (await it.__anext__()).startswith("data:")  # the turn runs
             r = await http.post("/v1/chat/completions", json=chat("one more"), headers=auth("conc"))
-            assert is_openai_error(r, 429, "too_many_concurrent_streams") and str(limit) in r.text
+            assert is_openai_error(r, 429, "too_many_concurrent_requests") and str(limit) in r.text
             other = await http.post("/v1/chat/completions", json=chat("meanwhile"), headers=auth("beta"))
             assert other.status_code == 200  # other tenants are served meanwhile
         finally:
