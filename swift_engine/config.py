@@ -29,13 +29,18 @@ class EngineConfig(BaseModel):
     max_prompt_tokens: int = Field(32768, ge=1, description="new tokens one turn may add")
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
-    seed: int = 0
+    load_format: Literal["auto", "dummy"] = Field(
+        "auto", description="dummy: random weights of the checkpoint's shape, as vLLM's --load-format "
+        "dummy (benchmarks: the arithmetic of real weights without their bytes on disk)")
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     cuda_graphs: bool = Field(True, description="triton backend: replay decode steps as CUDA graphs")
     triton_gemv: bool = Field(
         True, description="triton backend: decode projections through the Triton GEMV (False: cuBLAS)")
-    max_idle_snapshots: int = Field(
-        100_000, ge=0, description="evicted sessions whose token ids stay in host memory")
+    max_idle_sessions: int = Field(
+        10_000, ge=0, description="sessions kept as ids only (no cache pages); beyond it the least "
+        "recently used are forgotten and rebuilt from the store on their next turn")
+    idle_session_ttl_s: float = Field(
+        3600.0, gt=0, description="sessions idle (no cache pages) for longer are forgotten")
 
     @model_validator(mode="after")
     def _check(self) -> "EngineConfig":

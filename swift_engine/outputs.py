@@ -45,3 +45,4 @@ class SessionSnapshot(BaseModel):
     messages_consumed: int = 0
     messages_digest: str = ""
     open_turn: bool = False  # last turn ended without its end-of-turn token
+    model: str = Field("", description="the engine's model (EngineConfig.model); '' when unknown")

@@ -215,6 +215,23 @@ def test_engine_uses_triton_and_graphs():
         eng.shutdown()
 
 
+@pytest.mark.parametrize("family, feature", [
+    ({**BASE, "architectures": ["Gemma2ForCausalLM"], "sliding_window": 64}, "soft-capping"),
+    ({**BASE, "architectures": ["Glm4ForCausalLM"], "pad_token_id": 0}, "partial rotary"),
+])
+def test_families_beyond_the_llama_block_take_the_torch_path_on_cuda(family, feature):
+    """Gemma 2 and GLM-4 are not in the fused forward: auto runs them on the torch path on CUDA (equal to
+    the CPU path), and triton refuses them naming the feature."""
+    base = cpu_model(family)
+    steps = script(n_sessions=3, steps=12)
+    ref = run_script(Driver(base, "cpu", torch.float32, "torch"), steps)
+    d = Driver(on(base, "cuda", torch.float32), "cuda", torch.float32, "auto")
+    assert d.runner.backend == "torch"
+    assert worst_rel(run_script(d, steps), ref) <= 1e-4
+    with pytest.raises(ValueError, match=feature):
+        Driver(on(base, "cuda", torch.float32), "cuda", torch.float32, "triton")
+
+
 def test_sampler_race_compiled_on_cuda_draws_like_the_cpu_sampler():
     from swift_engine.sampling import Sampler, SamplingParams, _race_pick
 

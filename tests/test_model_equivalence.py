@@ -47,17 +47,24 @@ def test_prefill_and_decode_equal_hf_dense(pair):
     assert (by_token - dense).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 13, 25])
-def test_after_eviction_equals_reference(pair, chunk):
+@pytest.fixture(scope="module")
+def evicted(pair):
+    """A stream of 10 (S + W) tokens and the reference's logits over it (slow: computed once per model)."""
     _, ours = pair
     S, W = 4, 12
     ids = torch.randint(0, 97, (10 * (S + W),), generator=torch.Generator().manual_seed(2)).tolist()
     ref = reference_logits(ours, ids, S, W)
-    got = stream_logits(ours, ids, S, W, chunk)
-    assert (got - ref).abs().max() <= 1e-4
     # the window really evicted: a dense pass over the same tokens disagrees at the end
     dense = stream_logits(ours, ids, S, len(ids), len(ids))
     assert (dense[-1] - ref[-1]).abs().max() > 1e-3
+    return S, W, ids, ref
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 13, 25])
+def test_after_eviction_equals_reference(pair, evicted, chunk):
+    _, ours = pair
+    S, W, ids, ref = evicted
+    assert (stream_logits(ours, ids, S, W, chunk) - ref).abs().max() <= 1e-4
 
 
 def test_no_sinks_is_pure_window_attention(pair):
@@ -84,3 +91,28 @@ def test_unsupported_architecture_is_named():
 
     with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel"):
         ModelArgs.from_hf_config({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
+
+
+def test_sessions_batched_with_mixed_chunks_equal_reference(pair):
+    """Several sessions in every step, each fed its own mix of chunk sizes, well past eviction."""
+    _, ours = pair
+    S, W, a = 4, 12, ours.args
+    cache = SinkWindowCache(S, W, 4, 256, (a.num_layers, a.num_kv_heads, a.head_dim), "cpu", torch.float32)
+    runner = ModelRunner(ours, cache, EngineConfig(max_batch_tokens=64))
+    gen = torch.Generator().manual_seed(4)
+    streams = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (48, 30, 56)]
+    sizes = [[1], [7, 3], [13, 1, 5]]
+    tables, fed, outs = [PageTable() for _ in streams], [0] * 3, [[] for _ in streams]
+    for step in range(100):
+        live = [i for i in range(3) if fed[i] < len(streams[i])]
+        if not live:
+            break
+        chunks = [streams[i][fed[i]:fed[i] + sizes[i][step % len(sizes[i])]] for i in live]
+        plans = [cache.append(tables[i], len(c)) for i, c in zip(live, chunks)]
+        logits = runner.run(chunks, plans, [list(range(len(c))) for c in chunks])
+        for i, c, lg in zip(live, chunks, logits):
+            cache.evict(tables[i])
+            fed[i] += len(c)
+            outs[i].append(lg)
+    for stream, out in zip(streams, outs):
+        assert (torch.cat(out) - reference_logits(ours, stream, S, W)).abs().max() <= 1e-4

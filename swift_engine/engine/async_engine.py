@@ -39,10 +39,10 @@ class StreamingEngine:
             model_dir = resolve_model_dir(config.model)
             model = load_model(model_dir, config.device, config.torch_dtype, progress=progress)
             tokenizer = ChatTokenizer(model_dir)
-        self.config = config
         self.core = EngineCore(config, model, tokenizer)
         self.tokenizer = tokenizer
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.config = self.core.config  # S + W fitted to the model
         self._outbox: list[Callable[[], None]] = []  # the step's events, handed over after publishing
         self._closed = False
         self._started_at = time.monotonic()

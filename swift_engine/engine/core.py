@@ -17,6 +17,8 @@ from ..outputs import SessionSnapshot, Usage
 from ..sampling import Sampler
 from ..tokenizer import ChatTokenizer, IncrementalDetokenizer, StopStringMatcher
 from .cache import SinkWindowCache
+from .cache_fit import fit_cache_to_model
+from .idle import IdleBound
 from .model_runner import ModelRunner
 from .request import Request
 from .scheduler import Scheduler
@@ -25,8 +27,9 @@ from .session import Session, chain_digest
 
 class EngineCore:
     def __init__(self, config: EngineConfig, model: CausalLM, tokenizer: ChatTokenizer | None):
-        self.config, self.model, self.tokenizer = config, model, tokenizer
         a = model.args
+        config = fit_cache_to_model(config, a)
+        self.config, self.model, self.tokenizer = config, model, tokenizer
         num_pages = config.num_pages or self._pages_for_memory(config, a)
         self.cache = SinkWindowCache(config.sink_tokens, config.window_tokens, config.page_size, num_pages,
                                      (a.num_layers, a.num_kv_heads, a.head_dim),
@@ -41,6 +44,7 @@ class EngineCore:
         self.vocab_size = a.vocab_size
         self.tokens_generated = 0
         self.reprefills = 0
+        self.idle = IdleBound(config.max_idle_sessions, config.idle_session_ttl_s)
 
     @staticmethod
     def _pages_for_memory(config: EngineConfig, a) -> int:
@@ -51,6 +55,7 @@ class EngineCore:
     # ---- submission -------------------------------------------------------
     def submit(self, req: Request, messages: list[dict] | None = None) -> None:
         """Validate and queue. Raises typed errors; on error nothing changes."""
+        self.idle.trim(self.sessions, keep=req.session_id)
         session = self.sessions.get(req.session_id)
         if session is not None and session.running:
             raise SessionBusyError(f"session {req.session_id!r} already has a request running")
@@ -98,17 +103,19 @@ class EngineCore:
 
     # ---- sessions ---------------------------------------------------------
     def snapshot(self, session_id: str) -> SessionSnapshot:
-        return self._session(session_id).snapshot()
+        return self._session(session_id).snapshot().model_copy(update={"model": self.config.model})
 
     def restore(self, req: Request, snap: SessionSnapshot) -> None:
+        """Rebuild from a snapshot, re-split to this engine's S and W (session.resplit) or refused."""
         if snap.session_id != req.session_id:
             raise InvalidRequestError(f"snapshot is of session {snap.session_id!r}, not {req.session_id!r}")
+        if snap.model and snap.model != self.config.model:
+            raise InvalidRequestError(f"snapshot of {snap.session_id!r} holds token ids of model {snap.model!r}; "
+                                      f"this engine serves {self.config.model!r}")
         self._check_ids(snap.sink_ids + snap.tail_ids, allow_empty=True)
-        if len(snap.sink_ids) > self.config.sink_tokens or len(snap.tail_ids) > self.config.window_tokens:
-            raise InvalidRequestError("snapshot holds more ids than this engine's S and W")
+        session = Session.from_snapshot(snap, self.config.sink_tokens, self.config.window_tokens)
         self.drop(req.session_id)
-        self.sessions[req.session_id] = Session.from_snapshot(snap, self.config.sink_tokens,
-                                                              self.config.window_tokens)
+        self.sessions[req.session_id] = session
         self.submit(req)
 
     def drop(self, session_id: str) -> bool:

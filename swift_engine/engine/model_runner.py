@@ -6,13 +6,18 @@ graphs for decode), chosen automatically on CUDA when the shape is supported.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..config import EngineConfig
 from ..layers.attention import TorchSinkWindowAttention, plan_sequence
-from ..layers.rotary import RotaryTable, inv_frequencies
+from ..layers.rotary import RotaryTable, inv_frequencies, model_rotary
+from ..models.families import beyond_llama_block
 from ..models.llama import CausalLM
 from .cache import AppendPlan, SinkWindowCache
+
+logger = logging.getLogger(__name__)
 
 
 def select_backend(requested: str, model: CausalLM, device: torch.device) -> str:
@@ -23,6 +28,9 @@ def select_backend(requested: str, model: CausalLM, device: torch.device) -> str
     from ..layers.triton_ops import INTERPRET
 
     why = supported(model.args.head_dim, model.lm_head.weight.dtype)
+    beyond = beyond_llama_block(model.args)
+    if why is None and beyond:
+        why = f"the fused GPU forward does not implement {model.args.family}'s {', '.join(beyond)}"
     if requested == "triton":
         if why is not None:
             raise ValueError(f"attention_backend='triton' is not available: {why}")
@@ -31,6 +39,8 @@ def select_backend(requested: str, model: CausalLM, device: torch.device) -> str
         return "triton"
     if requested != "auto":
         raise ValueError(f"attention_backend: expected auto, torch or triton, got {requested!r}")
+    if device.type == "cuda" and why is not None:
+        logger.warning("attention_backend auto: the torch path runs on CUDA because %s", why)
     return "triton" if device.type == "cuda" and why is None else "torch"
 
 
@@ -41,15 +51,15 @@ class ModelRunner:
         self.device = model.lm_head.weight.device
         self.backend = select_backend(config.attention_backend, model, self.device)
         positions = cache.S + cache.W + config.max_batch_tokens + 1  # cache positions + one chunk
-        inv_freq = inv_frequencies(a.head_dim, a.rope_theta, a.rope_scaling)
-        # the Triton kernels read float32 tables
-        dtype = torch.float32 if self.backend == "triton" else model.lm_head.weight.dtype
-        self.rope = RotaryTable(inv_freq, positions, self.device, dtype)
         self.gpu = None
-        if self.backend == "triton":
+        if self.backend == "triton":  # float32 tables for the kernels (whole-head rotary only)
             from .gpu_runner import GpuRunner
 
+            self.rope = RotaryTable(inv_frequencies(a.head_dim, a.rope_theta, a.rope_scaling), positions,
+                                    self.device, torch.float32)
             self.gpu = GpuRunner(model, cache, config, self.rope)
+        else:
+            self.rope = model_rotary(a, positions, self.device, model.lm_head.weight.dtype)
 
     @torch.no_grad()
     def run(self, chunks: list[list[int]], plans: list[AppendPlan],
@@ -66,7 +76,9 @@ class ModelRunner:
             start += len(chunk)
         ids = torch.tensor([t for c in chunks for t in c], dtype=torch.long, device=self.device)
         write = torch.tensor([s for p in plans for s in p.write_slots], dtype=torch.long, device=self.device)
-        hidden = self.model(ids, TorchSinkWindowAttention(self.cache, self.rope, seqs, write))
+        attn = TorchSinkWindowAttention(self.cache, self.rope, seqs, write, self.model.args.attn_scale,
+                                        self.model.args.attn_softcap)
+        hidden = self.model(ids, attn)
         rows = torch.tensor([s.start + r for s, rs in zip(seqs, logit_rows) for r in rs],
                             dtype=torch.long, device=self.device)
         logits = self.model.logits(hidden[rows]) if len(rows) else hidden.new_empty(0, 0)

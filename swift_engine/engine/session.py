@@ -6,6 +6,7 @@ import json
 import time
 from collections import deque
 
+from ..errors import InvalidRequestError
 from ..outputs import SessionSnapshot
 from .cache import PageTable
 
@@ -66,10 +67,31 @@ class Session:
     @classmethod
     def from_snapshot(cls, snap: SessionSnapshot, sink_tokens: int, window_tokens: int) -> "Session":
         s = cls(snap.session_id, sink_tokens, window_tokens)
-        s.sink_ids = list(snap.sink_ids)
-        s.tail_ids.extend(snap.tail_ids)
+        s.sink_ids, tail = resplit(snap, sink_tokens, window_tokens)
+        s.tail_ids.extend(tail)
         s.tokens_seen, s.turns = snap.tokens_seen, snap.turns
         s.messages_consumed, s.messages_digest = snap.messages_consumed, snap.messages_digest
         s.open_turn = snap.open_turn
-        s.needs_reprefill = bool(s.sink_ids)
+        s.needs_reprefill = bool(s.retained())  # with S = 0 there are no sinks, but a window to re-prefill
         return s
+
+
+def resplit(snap: SessionSnapshot, S: int, W: int) -> tuple[list[int], list[int]]:
+    """The snapshot's ids as this engine's layout: the conversation's first S ids (sinks), then its last W.
+
+    A snapshot that kept every id it saw re-splits to any S and W. One with a gap (ids it evicted)
+    knows only its own first S' and last W' ids, so it fits an engine with S <= S' and W <= W';
+    anything else is refused: mixing two layouts would silently change every later log-prob.
+    """
+    ids = snap.sink_ids + snap.tail_ids
+    gap = snap.tokens_seen - len(ids)
+    if gap < 0:
+        raise InvalidRequestError(f"snapshot of {snap.session_id!r} holds {len(ids)} ids but saw {snap.tokens_seen}")
+    if gap == 0:
+        return ids[:S], ids[S:][-W:]
+    if S > len(snap.sink_ids) or W > len(snap.tail_ids):
+        raise InvalidRequestError(
+            f"session {snap.session_id!r} was cached with {len(snap.sink_ids)} sink and {len(snap.tail_ids)} window "
+            f"tokens and has evicted {gap}; this engine keeps {S} sink and {W} window tokens, so its cache cannot "
+            "be rebuilt exactly (delete the session to start it afresh, or serve it with S and W no larger)")
+    return list(snap.sink_ids[:S]), list(snap.tail_ids)[len(snap.tail_ids) - W:]

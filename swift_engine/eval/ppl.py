@@ -103,11 +103,14 @@ class DenseAttention:
     """
 
     def __init__(self, model, max_positions: int, batch: int = 1, grow: bool = False):
-        from ..layers.rotary import RotaryTable, inv_frequencies
+        from ..errors import UnsupportedModelError
+        from ..layers.rotary import model_rotary
 
         a = model.args
+        if a.attn_softcap is not None:
+            raise UnsupportedModelError("eval dense mode: attention soft-capping (Gemma 2) is not implemented here")
         dev, dt = model.lm_head.weight.device, model.lm_head.weight.dtype
-        self.rope = RotaryTable(inv_frequencies(a.head_dim, a.rope_theta, a.rope_scaling), max_positions, dev, dt)
+        self.rope, self.scale = model_rotary(a, max_positions, dev, dt), a.attn_scale
         self.batch, self.grow, self.offset = batch, grow, 0
         self.k: list[torch.Tensor | None] = [None] * a.num_layers
         self.v: list[torch.Tensor | None] = [None] * a.num_layers
@@ -128,7 +131,7 @@ class DenseAttention:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         n = k.shape[2]
         mask = torch.arange(n, device=q.device)[None, :] <= (n - t + torch.arange(t, device=q.device))[:, None]
-        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=self.scale)
         if self.grow and layer == len(self.k) - 1:
             self.offset += t
         return out.to(q.dtype).transpose(1, 2).reshape(b * t, q.shape[1], q.shape[-1])

@@ -61,12 +61,18 @@ def plan_sequence(plan: AppendPlan, start: int, window_tokens: int, device) -> S
         sink_mask.to(**to), window_mask.to(**to))
 
 
+def soft_cap(scores: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Gemma 2's attention logit soft-capping: cap * tanh(scores / cap), before the mask."""
+    return scores if cap is None else torch.tanh(scores / cap) * cap
+
+
 class TorchSinkWindowAttention:
     """Callable the model uses as its attention for one step."""
 
     def __init__(self, cache: SinkWindowCache, rope: RotaryTable, seqs: list[SeqAttention],
-                 write_slots: torch.Tensor):
+                 write_slots: torch.Tensor, scale: float, softcap: float | None):
         self.cache, self.rope, self.seqs, self.write_slots = cache, rope, seqs, write_slots
+        self.scale, self.softcap = scale, softcap  # the model's score scale and Gemma's tanh soft-capping
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kc, vc = self.cache.k[layer], self.cache.v[layer]
@@ -88,7 +94,7 @@ class TorchSinkWindowAttention:
         scores = torch.cat([torch.einsum("chgd,khd->hgck", qs, ks),
                             torch.einsum("chgd,khd->hgck", qw, kw)], dim=-1).float()
         mask = torch.cat([s.sink_mask, s.window_mask], dim=-1)
-        scores = scores.masked_fill(~mask, float("-inf")) * d ** -0.5
+        scores = soft_cap(scores * self.scale, self.softcap).masked_fill(~mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(q.dtype)
         values = torch.cat([vc[s.sink_slots], vc[s.window_slots]], dim=0)
         return torch.einsum("hgck,khd->chgd", probs, values).reshape(c, hq, d)

@@ -12,12 +12,14 @@ from collections import deque
 
 import torch
 
-from .rotary import RotaryTable
+from .attention import soft_cap
+from .rotary import RotaryTable, model_rotary
 
 
 class ReferenceSinkWindowAttention:
-    def __init__(self, num_layers: int, sink_tokens: int, window_tokens: int, rope: RotaryTable):
-        self.S, self.rope = sink_tokens, rope
+    def __init__(self, num_layers: int, sink_tokens: int, window_tokens: int, rope: RotaryTable,
+                 scale: float, softcap: float | None):
+        self.S, self.rope, self.scale, self.softcap = sink_tokens, rope, scale, softcap
         self.sinks: list[list[tuple]] = [[] for _ in range(num_layers)]
         self.window: list[deque] = [deque(maxlen=window_tokens) for _ in range(num_layers)]
 
@@ -34,28 +36,24 @@ class ReferenceSinkWindowAttention:
             n = len(cached)
             keys = self.rope.rotate(keys, torch.arange(n))
             query = self.rope.rotate(q[t:t + 1], torch.tensor([n - 1]))[0]
-            outs.append(_attend(query, keys, values))
+            outs.append(self._attend(query, keys, values))
         return torch.stack(outs)
 
-
-def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """query [Hq, D]; keys, values [n, Hkv, D] -> [Hq, D] (grouped-query heads share kv heads)."""
-    group = query.shape[0] // keys.shape[1]
-    keys = keys.repeat_interleave(group, dim=1)
-    values = values.repeat_interleave(group, dim=1)
-    scores = torch.einsum("hd,nhd->hn", query.float(), keys.float()) * query.shape[-1] ** -0.5
-    return torch.einsum("hn,nhd->hd", torch.softmax(scores, dim=-1), values.float()).to(query.dtype)
+    def _attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """query [Hq, D]; keys, values [n, Hkv, D] -> [Hq, D] (grouped-query heads share kv heads)."""
+        group = query.shape[0] // keys.shape[1]
+        keys = keys.repeat_interleave(group, dim=1)
+        values = values.repeat_interleave(group, dim=1)
+        scores = soft_cap(torch.einsum("hd,nhd->hn", query.float(), keys.float()) * self.scale, self.softcap)
+        return torch.einsum("hn,nhd->hd", torch.softmax(scores, dim=-1), values.float()).to(query.dtype)
 
 
 @torch.no_grad()
 def reference_logits(model, token_ids: list[int], sink_tokens: int, window_tokens: int) -> torch.Tensor:
     """Logits [len(token_ids), V] of a StreamingLLM pass over token_ids, token by token."""
-    from .rotary import inv_frequencies
-
     a = model.args
     device = model.lm_head.weight.device
-    rope = RotaryTable(inv_frequencies(a.head_dim, a.rope_theta, a.rope_scaling),
-                       sink_tokens + window_tokens, device, torch.float32)
-    attn = ReferenceSinkWindowAttention(a.num_layers, sink_tokens, window_tokens, rope)
+    rope = model_rotary(a, sink_tokens + window_tokens, device, torch.float32)
+    attn = ReferenceSinkWindowAttention(a.num_layers, sink_tokens, window_tokens, rope, a.attn_scale, a.attn_softcap)
     ids = torch.tensor(token_ids, device=device)
     return torch.cat([model.logits(model(ids[i:i + 1], attn)) for i in range(len(token_ids))])

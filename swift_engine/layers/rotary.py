@@ -1,4 +1,7 @@
-"""Rotary position embedding: frequencies (default and llama3 scaling) and rotation.
+"""Rotary position embedding: frequencies (default, linear and llama3 scaling) and rotation.
+
+Partial rotary (GLM, Phi-4-mini) rotates the leading dims of each head and
+passes the rest through; GLM pairs dims (2i, 2i+1), the others pair halves.
 
 Angles are computed in float64: a fast path may rotate at absolute positions
 that reach millions, where float32 angles lose whole radians.
@@ -41,16 +44,28 @@ class RotaryTable:
     by design), angles in float64. The torch path keeps them in the activation dtype; the Triton
     kernels read float32 ones."""
 
-    def __init__(self, inv_freq: torch.Tensor, max_positions: int, device, dtype):
+    def __init__(self, inv_freq: torch.Tensor, max_positions: int, device, dtype, interleaved: bool = False):
         angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq.double())
         self.cos = angles.cos().to(device=device, dtype=dtype).contiguous()
         self.sin = angles.sin().to(device=device, dtype=dtype).contiguous()
         self.positions = max_positions
+        self.interleaved = interleaved
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x [N, H, D] rotated at positions [N] (HF's rotate-half layout)."""
+        """x [N, H, D] rotated at positions [N] (HF's layouts); dims past the table's pass through."""
         cos = self.cos[positions][:, None, :]
         sin = self.sin[positions][:, None, :]
-        half = x.shape[-1] // 2
-        x1, x2 = x[..., :half], x[..., half:]
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        r = 2 * cos.shape[-1]
+        if self.interleaved:  # GLM: pairs (2i, 2i+1)
+            x1, x2 = x[..., 0:r:2], x[..., 1:r:2]
+            out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+        else:
+            x1, x2 = x[..., :r // 2], x[..., r // 2:r]
+            out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        return out if r == x.shape[-1] else torch.cat([out, x[..., r:]], dim=-1)
+
+
+def model_rotary(a, max_positions: int, device, dtype) -> RotaryTable:
+    """The rotary table of a model (its ModelArgs): rotated dims, frequencies, pair layout."""
+    return RotaryTable(inv_frequencies(a.rotary_dim, a.rope_theta, a.rope_scaling), max_positions, device, dtype,
+                       interleaved=a.rope_interleaved)

@@ -1,71 +1,21 @@
-"""Decoder for the Llama family: Llama 2/3/3.1, Mistral, Qwen2/2.5 (QKV bias), Qwen3 (q/k norm).
+"""Decoder for the Llama-shaped families: Llama 2/3/3.1, Mistral, Qwen2/2.5, Qwen3, GLM / GLM-4, Gemma 2, Phi-3.
 
-Parameter names match Hugging Face checkpoints so state dicts load unchanged.
-Attention (cache, positions, masks) is delegated to an attention backend, so
-the same weights run under the fast path and the slow reference.
+One block with the switches the families differ by (biases, activation, q/k
+norms, sandwich norms, Gemma's (1 + w) norms and embedding scale); what each
+family's config switches on is decided in families.py. Parameter names match
+Hugging Face checkpoints (fused ones are split by the loader). Attention
+(cache, positions, masks, scale, soft-capping) is delegated to an attention
+backend, so the same weights run under the fast path and the slow reference.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from transformers.activations import ACT2FN
 
-from ..errors import UnsupportedModelError
-
-ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-}
-
-
-@dataclass(frozen=True)
-class ModelArgs:
-    arch: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: dict | None
-    qkv_bias: bool
-    qk_norm: bool
-    tie_word_embeddings: bool
-
-    @classmethod
-    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
-        archs = cfg.get("architectures") or []
-        arch = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
-        if arch is None:
-            raise UnsupportedModelError(
-                f"architecture {archs or cfg.get('model_type')!r} is not supported; "
-                f"supported: {sorted(ARCHITECTURES)}")
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        heads = cfg["num_attention_heads"]
-        return cls(
-            arch=arch,
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-            rope_scaling=rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None,
-            qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
-            qk_norm=arch == "qwen3",
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        )
+from .families import ModelArgs
 
 
 class Attention(Protocol):
@@ -75,16 +25,17 @@ class Attention(Protocol):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.eps, self.offset = eps, offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:  # Gemma: scale by (offset + w) in float32, then cast (HF's order)
+            return (normed * (self.offset + self.weight.float())).to(dtype)
+        return self.weight * normed.to(dtype)
 
 
 class SelfAttention(nn.Module):
@@ -94,7 +45,7 @@ class SelfAttention(nn.Module):
         self.q_proj = nn.Linear(a.hidden_size, a.num_heads * a.head_dim, bias=a.qkv_bias)
         self.k_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=a.qkv_bias)
         self.v_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=a.qkv_bias)
-        self.o_proj = nn.Linear(a.num_heads * a.head_dim, a.hidden_size, bias=False)
+        self.o_proj = nn.Linear(a.num_heads * a.head_dim, a.hidden_size, bias=a.o_bias)
         if a.qk_norm:
             self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps)
             self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps)
@@ -113,25 +64,33 @@ class SelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
-        self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
+        self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
+        self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
+        self.act = ACT2FN[a.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm block; GLM-4 and Gemma 2 also normalise the attention and MLP outputs ("sandwich")."""
+
     def __init__(self, a: ModelArgs, layer: int):
         super().__init__()
         self.self_attn = SelfAttention(a, layer)
         self.mlp = MLP(a)
-        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.norm_names = a.norms  # attention in, MLP in, attention out, MLP out
+        for name in filter(None, a.norms):
+            setattr(self, name, RMSNorm(a.hidden_size, a.rms_norm_eps, a.norm_offset))
+
+    def _norm(self, slot: int, x: torch.Tensor) -> torch.Tensor:
+        name = self.norm_names[slot]
+        return x if name is None else getattr(self, name)(x)
 
     def forward(self, x: torch.Tensor, attn: Attention) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self._norm(2, self.self_attn(self._norm(0, x), attn))
+        return x + self._norm(3, self.mlp(self._norm(1, x)))
 
 
 class Backbone(nn.Module):
@@ -139,7 +98,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(a, i) for i in range(a.num_layers))
-        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps, a.norm_offset)
 
 
 class CausalLM(nn.Module):
@@ -159,9 +118,13 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attn: Attention) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
+        if self.args.embed_scale is not None:  # Gemma; HF rounds the scale to the weights' dtype first
+            x = x * torch.tensor(self.args.embed_scale, dtype=x.dtype)
         for layer in self.model.layers:
             x = layer(x, attn)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden).float()
+        cap = self.args.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap

@@ -1,4 +1,4 @@
-"""Load a Llama-family checkpoint (local dir or hub id) or build one with random weights."""
+"""Load a checkpoint of a supported family (local dir or hub id) or build one with random weights."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,9 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from .llama import CausalLM, ModelArgs
+from ..errors import UnsupportedModelError
+from .families import ModelArgs
+from .llama import CausalLM
 
 
 BUNDLED = Path(__file__).resolve().parent / "checkpoints"  # trained reference models shipped in the package
@@ -51,20 +53,43 @@ def random_model(cfg: dict, device="cpu", dtype=torch.float32, seed: int = 0) ->
     for name, p in model.named_parameters():
         with torch.no_grad():
             if name.endswith("norm.weight"):
-                p.fill_(1.0)
+                p.fill_(1.0 - args.norm_offset)  # unit scale whether w or (1 + w) is applied
             else:
                 p.normal_(0.0, 0.02, generator=gen)
     return model.to(dtype).eval()
 
 
+def _empty_model(args: ModelArgs, device, dtype) -> CausalLM:
+    model = _empty_model(args, device, torch.float32)
+    return model.to(dtype)
+
+
+# HF recomputes these buffers; old Llama checkpoints still carry them
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def checkpoint_tensors(name: str, tensor: torch.Tensor, args: ModelArgs) -> list[tuple[str, torch.Tensor]]:
+    """A checkpoint tensor as (our parameter name, tensor) pairs: fused projections are split."""
+    prefix, _, leaf = name.rpartition(".")
+    prefix, _, module = prefix.rpartition(".")
+    if module not in args.fused:
+        return [(name, tensor)]
+    if module == "qkv_proj":  # Phi-3: q, k, v rows back to back
+        sizes, names = [args.num_heads * args.head_dim] + [args.num_kv_heads * args.head_dim] * 2, \
+            ["q_proj", "k_proj", "v_proj"]
+    else:  # gate_up_proj: gate rows, then up rows
+        sizes, names = [tensor.shape[0] // 2] * 2, ["gate_proj", "up_proj"]
+    if sum(sizes) != tensor.shape[0]:
+        raise UnsupportedModelError(f"checkpoint tensor {name!r} has {tensor.shape[0]} rows; expected {sum(sizes)}")
+    return [(f"{prefix}.{n}.{leaf}", part) for n, part in zip(names, torch.split(tensor, sizes))]
+
+
 def load_model(model_dir: Path, device="cpu", dtype=torch.float32, progress: bool = True) -> CausalLM:
+    """Strict: every checkpoint tensor lands in a parameter of the same shape and every parameter is
+    loaded, else UnsupportedModelError names the tensor (a dropped bias would silently change logits)."""
     args = ModelArgs.from_hf_config(read_config(model_dir))
-    with torch.device("meta"):
-        model = CausalLM(args)
-    model.to_empty(device=device)
-    model.tie_weights()
-    model.to(dtype)
-    params = dict(model.named_parameters())
+    model = _empty_model(args, device, dtype)
+    params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
@@ -72,13 +97,26 @@ def load_model(model_dir: Path, device="cpu", dtype=torch.float32, progress: boo
     for file in tqdm(files, desc="loading weights", disable=not progress or len(files) < 2):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
-                if name in params:
-                    with torch.no_grad():
-                        params[name].copy_(f.get_tensor(name))
-                    loaded.add(name)
+                if not name.endswith(IGNORED_SUFFIXES):
+                    for ours, tensor in checkpoint_tensors(name, f.get_tensor(name), args):
+                        _copy(params, ours, name, tensor, args)
+                        loaded.add(ours)
     missing = set(params) - loaded
     if args.tie_word_embeddings:
         missing.discard("lm_head.weight")
     if missing:
-        raise ValueError(f"checkpoint {model_dir} lacks weights: {sorted(missing)[:5]}")
+        raise UnsupportedModelError(f"checkpoint {model_dir} lacks weights: {sorted(missing)[:5]}")
     return model.eval()
+
+
+def _copy(params: dict, ours: str, name: str, tensor: torch.Tensor, args: ModelArgs) -> None:
+    param = params.get(ours)
+    if param is None:
+        raise UnsupportedModelError(
+            f"checkpoint tensor {name!r} has no place in the {args.family} model its config.json describes "
+            "(a bias, norm or layer the config does not switch on); refusing rather than dropping it")
+    if param.shape != tensor.shape:
+        raise UnsupportedModelError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}; "
+                                    f"the config gives {tuple(param.shape)}")
+    with torch.no_grad():
+        param.copy_(tensor)

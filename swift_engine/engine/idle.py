@@ -1,0 +1,35 @@
+"""Bounds on idle sessions: those holding no cache pages, only their retained ids (about S + W ints).
+
+Without a bound a replica's host memory grows with every conversation it has
+ever seen. A forgotten session is no loss: the server rebuilds it from the
+store on its next turn, exactly as after a failover.
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+from .session import Session
+
+CHECK_EVERY_S = 1.0  # the age bound is checked at most this often (the count bound on every new session)
+
+
+class IdleBound:
+    def __init__(self, max_idle_sessions: int, idle_session_ttl_s: float):
+        self.max_idle, self.ttl = max_idle_sessions, idle_session_ttl_s
+        self.checked_at = time.monotonic()
+        self.forgotten = 0
+
+    def trim(self, sessions: "OrderedDict[str, Session]", keep: str) -> None:
+        """Forget idle sessions past the count bound (least recently used first: `sessions` is
+        LRU-ordered) and those idle longer than the age bound; never `keep` (being submitted)."""
+        now = time.monotonic()
+        if len(sessions) <= self.max_idle and now - self.checked_at < CHECK_EVERY_S:
+            return
+        self.checked_at = now
+        idle = [sid for sid, s in sessions.items() if sid != keep and not s.running and not s.table.pages]
+        excess = len(idle) - self.max_idle
+        for i, sid in enumerate(idle):
+            if i < excess or now - sessions[sid].last_used > self.ttl:
+                del sessions[sid]
+                self.forgotten += 1
