@@ -28,7 +28,6 @@ class ErrorInfo(BaseModel):
     status: int
     type: str
     message: str
-    code: str | None = None
 
 
 class TopLogprob(BaseModel):
