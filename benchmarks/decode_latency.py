@@ -29,8 +29,8 @@ S = 4
 
 
 def ours(model, L: int, steps: int, graphs: bool = True):
-    core = C.make_core(model, S, L - S, tokens_capacity=2 * L, max_batch_tokens=2048, max_running=4)
-    core.runner.gpu.use_graphs = graphs
+    core = C.make_core(model, S, L - S, tokens_capacity=2 * L, max_batch_tokens=2048, max_running=4,
+                       cuda_graphs=graphs)
     req = C.submit_generate(core, "s", C.random_ids(L + 64, model.args.vocab_size, L), steps + 20)
     C.step_until(core, lambda: req.phase == "decode")
     for _ in range(8):
