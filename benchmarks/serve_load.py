@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import socket
 import sys
@@ -288,6 +289,7 @@ def main() -> None:
     if not a.no_ignore_eos:
         sampling["ignore_eos"] = True
     runs: dict[str, tuple[list[TurnResult], dict]] = {}
+    load_before = os.getloadavg()  # other work on this host skews every figure: recorded beside them
     if a.url:
         if not a.model:
             ap.error("--url needs --model")
@@ -312,7 +314,9 @@ def main() -> None:
         for e in s["error_samples"]:
             print(f"{'':>15}{e}")
     out = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
-           "model": model_id, "workload": asdict(work), "sampling": sampling, "runs": summaries}
+           "model": model_id, "workload": asdict(work), "sampling": sampling, "runs": summaries,
+           "host": {"cpus": os.cpu_count(), "load_avg_1m_before": load_before[0],
+                    "load_avg_1m_after": os.getloadavg()[0]}}
     if "engine alone" in summaries:
         out["served_over_engine"] = summaries["served"]["tokens_per_s"] / summaries["engine alone"]["tokens_per_s"]
         print(f"served / engine alone: {out['served_over_engine']:.3f}")

@@ -179,6 +179,7 @@ class Sampler:
     def _to_host(self, ids: torch.Tensor, raw: torch.Tensor, tops: list[int]) -> Sampled:
         chosen = raw.gather(1, ids[:, None])
         cols = [ids[:, None].double(), chosen.double()]
+        tops = [min(k, self.V) for k in tops]
         n = max(tops)
         if n:
             values, top_ids = raw.topk(n, dim=-1)

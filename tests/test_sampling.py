@@ -1,4 +1,6 @@
-"""The batched sampler alone: distributions, seeds independent of the batch, logit_bias, penalties, logprobs."""
+"""The batched sampler, alone and through the engine: distributions, seeds independent of the batch, logit_bias,
+penalties, logprobs."""
+import asyncio
 from dataclasses import dataclass, field
 
 import pytest
@@ -154,3 +156,22 @@ def test_logprobs_are_of_the_raw_distribution_with_top_alternatives():
     assert [t for t, _ in out.top[0]] == ids[:5].tolist() and [t for t, _ in out.top[1]] == ids.tolist()
     assert [lp for _, lp in out.top[1]] == pytest.approx(values.tolist(), abs=1e-5)
     assert out.top[2] is None
+
+
+async def test_through_the_engine_a_seeded_turn_is_the_same_alone_and_in_a_batch():
+    from swift_engine import EngineConfig, StreamingEngine
+
+    engine = StreamingEngine(EngineConfig(model="tiny", sink_tokens=4, window_tokens=48, page_size=8), progress=False)
+    seeded = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.95, seed=42, ignore_eos=True)
+
+    async def ids(sid, sampling, prompt):
+        return [ev.token_id async for ev in engine.generate(sid, prompt_token_ids=prompt, sampling=sampling)]
+    try:
+        alone = await ids("alone", seeded, [5, 6, 7, 8])
+        others = [SamplingParams(max_tokens=15 + i, temperature=0.8, top_k=5 * i, ignore_eos=True,
+                                 repetition_penalty=1.2, logit_bias={i: 3.0}) for i in range(1, 5)]
+        together = await asyncio.gather(ids("batched", seeded, [5, 6, 7, 8]),
+                                        *(ids(f"o{i}", p, [9, i, 11]) for i, p in enumerate(others)))
+        assert together[0] == alone
+    finally:
+        engine.shutdown()
