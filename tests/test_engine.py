@@ -6,8 +6,8 @@ import time
 import pytest
 from pydantic import ValidationError
 
-from swift_engine import (EngineConfig, EngineError, HistoryMismatchError, InvalidRequestError, SamplingParams,
-                          SessionBusyError, StreamingEngine, UnknownSessionError)
+from swift_engine import (CapacityError, EngineConfig, EngineError, HistoryMismatchError, InvalidRequestError,
+                          SamplingParams, SessionBusyError, StreamingEngine, UnknownSessionError)
 from swift_engine.tokenizer import IncrementalDetokenizer
 
 GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
@@ -263,3 +263,12 @@ async def test_readers_and_submissions_do_not_wait_for_a_slow_step():
     assert (await other_turn)[-1].finish_reason == "length"
     assert e.stats().sessions_running == 0 and e.stats().queue_depth == 0
     e.shutdown()
+
+
+async def test_calls_after_shutdown_fail_at_once():
+    e = make()
+    e.shutdown()
+    assert not e.is_alive()
+    with pytest.raises(CapacityError, match="shut down"):
+        await asyncio.wait_for(run(e, "s", prompt_token_ids=[1, 2]), 10)
+    assert e.drop("nobody") is False

@@ -108,3 +108,23 @@ def test_idle_sessions_are_bounded_by_age():
     e.score_sync("late", ids(5, 9))
     assert not set(idle_before) & set(e.core.sessions)
     e.shutdown()
+
+
+def test_a_session_a_caller_was_told_is_known_is_held_for_its_turn(monkeypatch):
+    """The server decides "no restore" when the engine holds the session: it must not be forgotten
+    between that answer and its turn reaching the engine thread."""
+    import swift_engine.engine.idle as idle
+
+    monkeypatch.setattr(idle, "HOLD_S", 1.5)
+    e = make(4, 48, num_pages=30, max_batch_tokens=64, max_idle_sessions=0)
+    e.score_sync("held", ids(40, 1))
+    for i in range(3):  # push "held" out of the page pool: it is idle now
+        e.score_sync(f"o{i}", ids(40, i + 2))
+    assert not e.core.sessions["held"].table.pages
+    assert e.hold_session("held") and not e.hold_session("nobody")
+    e.score_sync("other", ids(5, 9))  # would forget every idle session but the held one
+    assert e.has_session("held")
+    time.sleep(1.6)
+    e.score_sync("other2", ids(5, 9))
+    assert not e.has_session("held")
+    e.shutdown()

@@ -45,6 +45,8 @@ class StreamingEngine:
         self.config = self.core.config  # S + W fitted to the model
         self._outbox: list[Callable[[], None]] = []  # the step's events, handed over after publishing
         self._closed = False
+        self._stopped = False  # the loop has ended: calls run on the caller's thread
+        self._stop_lock = threading.Lock()  # held only to queue a call or to end the loop, never across a step
         self._started_at = time.monotonic()
         self._view: EngineView = view_of(self.core, self._started_at)
         self._thread = threading.Thread(target=self._loop, name="swift-engine", daemon=True)
@@ -59,17 +61,20 @@ class StreamingEngine:
 
     # ---- the loop (engine thread) ---------------------------------------
     def _loop(self) -> None:
-        while True:
-            self._drain(wait=not self.core.has_work())
-            if self.core.has_work():
-                try:
-                    self.core.step()
-                except Exception as exc:  # keep serving: fail this step's requests, not the engine
-                    logger.exception("engine step failed")
-                    self.core.fail_all(f"engine step failed: {type(exc).__name__}: {exc}")
-            self._publish()
-            if self._closed and not self.core.has_work():
-                return
+        try:
+            while not (self._closed and not self.core.has_work()):
+                self._drain(wait=not self.core.has_work())
+                if self.core.has_work():
+                    try:
+                        self.core.step()
+                    except Exception as exc:  # keep serving: fail this step's requests, not the engine
+                        logger.exception("engine step failed")
+                        self.core.fail_all(f"engine step failed: {type(exc).__name__}: {exc}")
+                self._publish()
+        finally:  # calls queued from now on run on their caller's thread
+            with self._stop_lock:
+                self._drain(wait=False)
+                self._stopped = True
 
     def _drain(self, wait: bool) -> None:
         """Run the queued calls in order; with `wait`, block until there is one."""
@@ -96,7 +101,11 @@ class StreamingEngine:
                 fut.set_result(fn())
             except Exception as exc:
                 fut.set_exception(exc)
-        self._inbox.put(run)
+        with self._stop_lock:
+            if self._stopped:
+                run()
+            else:
+                self._inbox.put(run)
         return fut
 
     def shutdown(self, abort: bool = True) -> None:
@@ -184,6 +193,11 @@ class StreamingEngine:
 
     def resident_sessions(self) -> list[str]:
         return list(self._view.resident)
+    def hold_session(self, session_id: str) -> bool:
+        """Like has_session, and a known session is then kept for its next turn: not forgotten as idle
+        (max_idle_sessions, idle_session_ttl_s) for the next 30 s. Call it to decide not to restore."""
+        return self.core.idle.hold(self.core.sessions, session_id)
+
 
     def stats(self) -> EngineStats:
         return self._view.stats

@@ -6,12 +6,14 @@ store on its next turn, exactly as after a failover.
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 
 from .session import Session
 
 CHECK_EVERY_S = 1.0  # the age bound is checked at most this often (the count bound on every new session)
+HOLD_S = 30.0  # a session a caller was told is known is not forgotten for this long (its turn is on the way)
 
 
 class IdleBound:
@@ -19,17 +21,31 @@ class IdleBound:
         self.max_idle, self.ttl = max_idle_sessions, idle_session_ttl_s
         self.checked_at = time.monotonic()
         self.forgotten = 0
+        # short, never across a step: a caller's "known? then hold" and the engine thread's trim exclude
+        # each other, so a session is never forgotten between a caller seeing it and its turn arriving
+        self.lock = threading.Lock()
+
+    def hold(self, sessions: "OrderedDict[str, Session]", session_id: str) -> bool:
+        """Whether the session is known; if it is, it is kept for HOLD_S (called from any thread)."""
+        with self.lock:
+            session = sessions.get(session_id)
+            if session is not None:
+                session.held_until = time.monotonic() + HOLD_S
+            return session is not None
 
     def trim(self, sessions: "OrderedDict[str, Session]", keep: str) -> None:
         """Forget idle sessions past the count bound (least recently used first: `sessions` is
-        LRU-ordered) and those idle longer than the age bound; never `keep` (being submitted)."""
+        LRU-ordered) and those idle longer than the age bound; never `keep` (being submitted) nor
+        a held one (so the count may be exceeded by sessions whose turn is on its way)."""
         now = time.monotonic()
         if len(sessions) <= self.max_idle and now - self.checked_at < CHECK_EVERY_S:
             return
         self.checked_at = now
-        idle = [sid for sid, s in sessions.items() if sid != keep and not s.running and not s.table.pages]
-        excess = len(idle) - self.max_idle
-        for i, sid in enumerate(idle):
-            if i < excess or now - sessions[sid].last_used > self.ttl:
-                del sessions[sid]
-                self.forgotten += 1
+        with self.lock:
+            idle = [sid for sid, s in sessions.items()
+                    if sid != keep and not s.running and not s.table.pages and s.held_until < now]
+            excess = len(idle) - self.max_idle
+            for i, sid in enumerate(idle):
+                if i < excess or now - sessions[sid].last_used > self.ttl:
+                    del sessions[sid]
+                    self.forgotten += 1

@@ -41,6 +41,7 @@ class Session:
         self.needs_reprefill = False  # pages were released: replay retained ids first
         self.running = False
         self.last_used = time.monotonic()
+        self.held_until = 0.0  # not forgotten as idle before this (engine/idle.py)
 
     def see(self, token_id: int) -> None:
         if len(self.sink_ids) < self.S:
