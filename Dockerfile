@@ -20,7 +20,10 @@ COPY --chown=ray:users configs ./configs
 # rest (torch, transformers, redis, ...) comes from PyPI. The packages land in
 # site-packages, so Serve's import paths (deployments.app:build_app,
 # routing.router:SessionAffinityRouter, ...) resolve from any working dir
-# (checked below with `python -I`, which leaves the source tree off sys.path).
+# (checked below with `python -I`, which leaves the source tree off sys.path), and
+# the configs ship as package data: `swiftserve serve` finds its default config.
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir ".[serve]" \
- && python -I -c "import ray, deployments.app, routing.router, swift_engine; assert ray.__version__ == '2.60.0', ray.__version__"
+ && python -I -c "import ray, deployments.app, routing.router, swift_engine; assert ray.__version__ == '2.60.0', ray.__version__" \
+ && swiftserve serve --help > /dev/null \
+ && python -I -c "from deployments.cli import DEFAULT_CONFIG; assert DEFAULT_CONFIG.is_file() and 'site-packages' in str(DEFAULT_CONFIG), DEFAULT_CONFIG"

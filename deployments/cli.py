@@ -1,96 +1,113 @@
-"""`swiftserve` command: chat (engine alone or a running server), serve (local app), eval (quality)."""
+"""`swiftserve` command: serve (a Serve config on a local Ray), chat (a server, or the engine alone), eval."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-import time
 import uuid
+from importlib.resources import files
 from pathlib import Path
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "local.yaml"
+DEFAULT_CONFIG = Path(str(files("configs") / "local.yaml"))  # package data: works from a wheel too
+DEFAULT_MODEL = "swiftserve-llama-7m"
+
+
+class HELP(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except where there is none (those say in words what happens)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="swiftserve", description="StreamingLLM chat serving on Ray Serve")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    serve_p = sub.add_parser("serve", formatter_class=HELP, help="run a Serve config's app on a new local Ray",
+                             description="Like `serve run CONFIG`, with checks before Ray starts, progress "
+                                         "until every LLMServer replica is ready, and a drain on "
+                                         "SIGINT/SIGTERM.")
+    serve_p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="Serve config file")
+    serve_p.add_argument("--host", help="HTTP host (default: the config's http_options.host)")
+    serve_p.add_argument("--port", type=int, help="HTTP port (default: the config's http_options.port)")
+    serve_p.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard port")
+    serve_p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus /metrics port of Ray")
+    serve_p.add_argument("--grace-s", type=float, default=30.0,
+                         help="seconds running turns may finish after SIGINT/SIGTERM; the rest get an error event")
+
+    chat = sub.add_parser("chat", formatter_class=HELP, help="interactive chat: a server (--url) or the engine alone",
+                          description="Ctrl-C stops a reply and keeps the conversation; Ctrl-D quits. The "
+                                      "history is saved under ~/.cache/swiftserve/chats/ after every turn.")
+    chat.add_argument("--url", help="a running swiftserve, e.g. http://127.0.0.1:8000 (with or without /v1); "
+                                    "without it the engine runs in this process")
+    chat.add_argument("--api-key", help="API key for --url (default: $OPENAI_API_KEY)")
+    chat.add_argument("--session", help="session id to resume (default: a new one)")
+    chat.add_argument("--system", help="system prompt of a new conversation")
+    chat.add_argument("--model", help="with --url: a served model (default: the first); alone: a checkpoint dir, "
+                                      f"hub id, bundled name or 'tiny' (default: {DEFAULT_MODEL})")
+    chat.add_argument("--max-tokens", type=int, default=256, help="most tokens per reply")
+    chat.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
+    chat.add_argument("--device", default="cpu", help="engine alone: torch device")
+    chat.add_argument("--sink-tokens", type=int, default=4, help="engine alone: S")
+    chat.add_argument("--window-tokens", type=int, default=1020, help="engine alone: W")
+
+    eval_p = sub.add_parser("eval", help="quality evaluation")
+    eval_sub = eval_p.add_subparsers(dest="what", required=True)
+    eval_sub.add_parser("ppl", add_help=False, help="streaming perplexity (dense, window, recompute, "
+                                                    "StreamingLLM); its options: 'swiftserve eval ppl --help'")
+    return ap
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="swiftserve", description="StreamingLLM chat serving")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    chat = sub.add_parser("chat", help="interactive chat: on the engine alone (--model) or a server (--url)")
-    chat.add_argument("--model", default="swiftserve-llama-7m",
-                      help="HF checkpoint dir, hub id, a bundled checkpoint's name, or 'tiny' (random weights)")
-    chat.add_argument("--url", help="base URL of a running swiftserve, e.g. http://127.0.0.1:8000")
-    chat.add_argument("--device", default="cpu")
-    chat.add_argument("--sink-tokens", type=int, default=4)
-    chat.add_argument("--window-tokens", type=int, default=1020)
-    chat.add_argument("--max-tokens", type=int, default=256)
-    chat.add_argument("--temperature", type=float, default=0.7)
-    serve_p = sub.add_parser("serve", help="run the Serve app of a config file on a local Ray")
-    serve_p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    eval_p = sub.add_parser("eval", help="quality evaluation; 'swiftserve eval ppl --help' for its options",
-                            add_help=False)
-    eval_p.add_argument("what", choices=["ppl"])
-    eval_p.add_argument("rest", nargs=argparse.REMAINDER)
-    args = ap.parse_args(argv)
-    if args.cmd == "eval":
-        from swift_engine.eval.ppl import main as eval_ppl
+    ap = parser()
+    args, rest = ap.parse_known_args(argv)  # the rest belongs to `eval ppl`, which parses its own options
+    if rest and args.cmd != "eval":
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    from .preflight import PreflightError
+    from swift_engine import ChatError
 
-        eval_ppl(args.rest)
-    elif args.cmd == "serve":
-        serve_forever(args.config)
-    elif args.url:
-        chat_with_server(args.url, args.max_tokens, args.temperature)
-    else:
-        from swift_engine import EngineConfig, SamplingParams
-        from swift_engine.chat import run_chat
-
-        run_chat(EngineConfig(model=args.model, device=args.device, sink_tokens=args.sink_tokens,
-                              window_tokens=args.window_tokens),
-                 SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature))
-
-
-def serve_forever(config: Path) -> None:
-    import ray
-    from ray import serve
-
-    from .app import app_from_config
-
-    app, http = app_from_config(config)
-    ray.init(include_dashboard=False)
-    serve.start(http_options={"host": http.get("host", "127.0.0.1"), "port": http.get("port", 8000)})
-    serve.run(app, name="swiftserve", route_prefix="/")
-    print(f"swiftserve is serving on http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}/v1 "
-          "(Ctrl-C stops)", file=sys.stderr)
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
+        if args.cmd == "serve":
+            from .local_serve import ServeOptions, serve_forever
+
+            serve_forever(ServeOptions(config=args.config, host=args.host, port=args.port,
+                                       dashboard_port=args.dashboard_port, metrics_port=args.metrics_port,
+                                       grace_s=args.grace_s))
+        elif args.cmd == "chat":
+            chat(args)
+        else:
+            from swift_engine.eval.ppl import main as eval_ppl
+
+            eval_ppl(rest)
+    except (PreflightError, ChatError) as exc:
+        sys.exit(f"swiftserve {args.cmd}: {exc}")
 
 
-def chat_with_server(url: str, max_tokens: int, temperature: float) -> None:
-    import openai
+def chat(args: argparse.Namespace) -> None:
+    from swift_engine import chat_loop, load_history
 
-    client = openai.OpenAI(base_url=url.rstrip("/") + "/v1", api_key="none")
-    model = client.models.list().data[0].id
-    session = f"cli-{uuid.uuid4().hex[:12]}"
-    history: list[dict] = []
-    print(f"session {session} on {model}; empty line quits", file=sys.stderr)
-    while True:
-        try:
-            line = input("you> ")
-        except EOFError:
-            return
-        if not line.strip():
-            return
-        history.append({"role": "user", "content": line})
-        stream = client.chat.completions.create(model=model, messages=history, stream=True, max_tokens=max_tokens,
-                                                temperature=temperature, extra_headers={"x-session-id": session})
-        reply = []
-        print("bot> ", end="", flush=True)
-        for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                reply.append(chunk.choices[0].delta.content)
-                print(reply[-1], end="", flush=True)
-        print()
-        history.append({"role": "assistant", "content": "".join(reply)})
+    session = args.session or f"cli-{uuid.uuid4().hex[:12]}"
+    history = load_history(session, args.system)
+    if args.url:
+        from .chat_client import ServerChat
+
+        api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
+        chat_loop(ServerChat(args.url, api_key, session, args.model, args.max_tokens, args.temperature),
+                  session, history)
+        return
+    from swift_engine import EngineChat, EngineConfig, SamplingParams
+
+    from .preflight import resolve_model
+
+    model = args.model or DEFAULT_MODEL
+    resolve_model(model)
+    backend = EngineChat(EngineConfig(model=model, device=args.device, sink_tokens=args.sink_tokens,
+                                      window_tokens=args.window_tokens),
+                         SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature), session)
+    try:
+        chat_loop(backend, session, history)
+    finally:
+        backend.close()
 
 
 if __name__ == "__main__":

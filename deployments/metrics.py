@@ -1,27 +1,65 @@
-"""Ray (Prometheus) metrics of a replica. Created once per process."""
+"""Ray (Prometheus) metrics of an LLMServer replica: counters for totals, histograms for latencies, gauges
+for what is resident. Ray exports them with a `ray_` prefix (counters also get `_total`), labelled
+`model` and `replica`. Counters and gauges exist at zero from start-up; Ray's exporter cannot show a
+histogram before its first sample, so those appear with the first turn."""
 from __future__ import annotations
-
-from functools import cache
 
 from ray.util import metrics
 
 _MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
+TAGS = ("model", "replica")
+COMMIT_FAILURE_REASONS = ("StaleEpochError", "StoreUnavailableError", "StoreError")
 
 
-@cache
-def server_metrics() -> dict:
-    return {
-        "ttft": metrics.Histogram("swiftserve_ttft_ms", "time to first token", boundaries=_MS),
-        "itl": metrics.Histogram("swiftserve_inter_token_ms", "inter-token latency", boundaries=_MS),
-        "tokens": metrics.Counter("swiftserve_generated_tokens", "generated tokens"),
-        "tokens_per_s": metrics.Gauge("swiftserve_tokens_per_s", "engine generated tokens per second"),
-        "resident": metrics.Gauge("swiftserve_sessions_resident", "sessions whose cache is resident"),
-        "pages_used": metrics.Gauge("swiftserve_cache_pages_used", "KV pages in use"),
-        "evictions": metrics.Gauge("swiftserve_cache_evictions", "idle sessions evicted (LRU), total"),
-        "reprefills": metrics.Counter("swiftserve_reprefills", "caches rebuilt from the store"),
-        "reprefill_ms": metrics.Histogram("swiftserve_reprefill_ms", "re-prefill duration", boundaries=_MS),
-        "claims": metrics.Counter("swiftserve_session_claims", "sessions claimed from another owner"),
-        "commit_ms": metrics.Histogram("swiftserve_commit_ms", "store commit latency", boundaries=_MS),
-        "commit_failures": metrics.Counter("swiftserve_commit_failures", "turns not committed",
-                                           tag_keys=("reason",)),
-    }
+def _hist(name: str, doc: str) -> metrics.Histogram:
+    return metrics.Histogram(name, doc, boundaries=_MS, tag_keys=TAGS)
+
+
+def _counter(name: str, doc: str, *tags: str) -> metrics.Counter:
+    return metrics.Counter(name, doc, tag_keys=(*TAGS, *tags))
+
+
+def _gauge(name: str, doc: str) -> metrics.Gauge:
+    return metrics.Gauge(name, doc, tag_keys=TAGS)
+
+
+class ServerMetrics:
+    def __init__(self, model: str, replica: str):
+        self.ttft = _hist("swiftserve_ttft_ms", "time to first token")
+        self.itl = _hist("swiftserve_inter_token_ms", "time between streamed tokens")
+        self.reprefill_ms = _hist("swiftserve_reprefill_ms", "re-prefill duration")
+        self.commit_ms = _hist("swiftserve_commit_ms", "store commit latency")
+        self.tokens = _counter("swiftserve_generated_tokens", "generated tokens")
+        self.reprefills = _counter("swiftserve_reprefills", "caches rebuilt from the store")
+        self.claims = _counter("swiftserve_session_claims", "sessions claimed from another owner")
+        self.evictions = _counter("swiftserve_cache_evictions", "idle sessions evicted from the cache (LRU)")
+        self.commit_failures = _counter("swiftserve_commit_failures", "turns not committed", "reason")
+        self.resident = _gauge("swiftserve_sessions_resident", "sessions whose cache is resident")
+        self.running = _gauge("swiftserve_sessions_running", "sessions running a turn")
+        self.pages_used = _gauge("swiftserve_cache_pages_used", "KV cache pages in use")
+        self.pages_total = _gauge("swiftserve_cache_pages_total", "KV cache pages in the pool")
+        self._evictions_seen = 0
+        counters = (self.tokens, self.reprefills, self.claims, self.evictions)
+        gauges = (self.resident, self.running, self.pages_used, self.pages_total)
+        for m in (self.ttft, self.itl, self.reprefill_ms, self.commit_ms, self.commit_failures, *counters, *gauges):
+            m.set_default_tags({"model": model, "replica": replica})
+        for counter in counters:
+            counter._record(0)  # Counter.inc refuses 0; a series at zero lets rate() and alerts work at once
+        for reason in COMMIT_FAILURE_REASONS:
+            self.commit_failures._record(0, tags={"reason": reason})
+        for gauge in gauges:
+            gauge.set(0)
+
+    def commit_failed(self, exc: Exception) -> None:
+        reason = type(exc).__name__
+        self.commit_failures.inc(tags={"reason": reason if reason in COMMIT_FAILURE_REASONS else "StoreError"})
+
+    def engine_state(self, stats) -> None:
+        """Gauges from the engine's stats, and evictions as a counter (the engine keeps a running total)."""
+        self.resident.set(stats.sessions_resident)
+        self.running.set(stats.sessions_running)
+        self.pages_used.set(stats.pages_used)
+        self.pages_total.set(stats.pages_total)
+        if stats.evictions > self._evictions_seen:
+            self.evictions.inc(stats.evictions - self._evictions_seen)
+            self._evictions_seen = stats.evictions

@@ -1,5 +1,7 @@
 """OpenAI-compatible HTTP ingress (FastAPI through serve.ingress)."""
 
+import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -14,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .auth import KeyRing, scoped_session_id
 from .config import AppArgs
+from .drain import DrainWatch
 from .guard import TENANT_SCOPE_KEY, Guard, GuardMiddleware
 from .openai_schema import (SESSION_ID_MAX, ChatCompletionRequest, CompletionRequest, SamplingFields, SessionId,
                             error_responses)
@@ -30,37 +33,51 @@ SessionPath = Annotated[SessionId, Path(description="the session id the client c
 SessionHeader = Annotated[str | None, Header(alias=SESSION_HEADER, max_length=SESSION_ID_MAX,
                                              pattern=r"^[^\x00-\x1f\x7f]*$",  # empty: none, as no header
                                              description="the session id (or the body's `session_id`)")]
+HEALTH_TIMEOUT_S = 2.0
 STREAMED = {200: {"content": {"text/event-stream": {}}, "description": "a completion; SSE when `stream` is true"}}
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None):
-        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+    """An OpenAI-shaped error: `code` a string such as "model_not_found" (or None), `param` the field (or None)."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+    @classmethod
+    def of(cls, info: ErrorInfo) -> "APIError":
+        return cls(info.status, info.message, None if info.type == "invalid_request_error" else info.type)
 
 
 @app.exception_handler(APIError)
 async def _api_error(_, exc: APIError):
-    return JSONResponse(error_body(exc.status, exc.message, exc.type, exc.code, exc.param), status_code=exc.status)
+    type_ = "invalid_request_error" if exc.status < 500 else "server_error"
+    return JSONResponse(error_body(exc.status, exc.message, type_, exc.code, exc.param), status_code=exc.status)
+
+
+def _param(loc: tuple) -> str | None:
+    """OpenAI's spelling of a field path (`messages.[0].role`); None when the body is not JSON at all."""
+    path = [f"[{p}]" if isinstance(p, int) else str(p) for p in loc[1:]] if loc[:1] == ("body",) else list(map(str, loc))
+    return ".".join(path) or None
 
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(_, exc: RequestValidationError):
-    first = exc.errors()[0] if exc.errors() else {"loc": [], "msg": "invalid request"}
-    param = ".".join(str(p) for p in first["loc"] if p != "body") or None
-    return JSONResponse(error_body(400, f"{param or 'body'}: {first['msg']}", "invalid_request_error", param=param),
-                        status_code=400)
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": ""}
+    param = None if first["type"] == "json_invalid" else _param(tuple(first["loc"]))
+    message = "the body is not valid JSON" if first["type"] == "json_invalid" else f"{param or 'body'}: {first['msg']}"
+    return JSONResponse(error_body(400, message, "invalid_request_error", param=param), status_code=400)
 
 
 @app.exception_handler(StarletteHTTPException)
-async def _http_error(_, exc: StarletteHTTPException):
-    return JSONResponse(error_body(exc.status_code, str(exc.detail), "invalid_request_error"),
-                        status_code=exc.status_code)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    message = (f"Invalid URL ({request.method} {request.url.path})" if exc.status_code in (404, 405)
+               else str(exc.detail))
+    return JSONResponse(error_body(exc.status_code, message, "invalid_request_error"), status_code=exc.status_code)
 
 
 @app.exception_handler(Exception)
 async def _internal_error(_, exc: Exception):
-    return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}", "internal_error"), status_code=500)
+    return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
 
 
 def _own_words(chunk: ChatChunk, scoped: str, sid: str) -> ChatChunk:
@@ -83,21 +100,46 @@ class OpenAIIngress:
         self.server = server
         self.args = AppArgs.model_validate(args)
         self.guard = Guard(KeyRing.from_args(self.args.api_keys_env, self.args.api_keys_file), self.args.limits)
+        context = serve.get_replica_context()
+        self.replica_id = context.replica_id.unique_id
+        self.drain = DrainWatch(context.app_name, self.replica_id)
+        self.created = int(time.time())  # when this model came up here, as vLLM reports it
 
-    @app.get("/health")
-    async def health(self) -> dict:
-        return {"status": "ok"}
+    @app.get("/health", responses={503: {"description": "not ready: no LLMServer replica answers, or draining"}})
+    async def health(self) -> JSONResponse:
+        """Readiness: 200 only while at least one LLMServer replica answers and the server is not draining."""
+        if self.drain.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        try:
+            await asyncio.wait_for(self.server.engine_stats.remote(), timeout=HEALTH_TIMEOUT_S)
+        except Exception:  # still loading, all replicas down, or too busy to answer in time
+            return JSONResponse({"status": "not_ready"}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    def _model(self) -> dict:
+        engine = self.args.engine
+        return {"id": self.args.model_id, "object": "model", "created": self.created, "owned_by": "swiftserve",
+                # as vLLM: the most tokens one request can hold; the conversation itself is unbounded
+                "max_model_len": engine.max_prompt_tokens + self.args.max_completion_tokens,
+                "cache_tokens": engine.cache_tokens}
 
     @app.get("/v1/models", responses=error_responses())
     async def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.args.model_id, "object": "model", "created": 0,
-                                            "owned_by": "swiftserve"}]}
+        return {"object": "list", "data": [self._model()]}
+
+    @app.get("/v1/models/{model_id:path}", responses=error_responses(404))
+    async def model(self, model_id: str) -> dict:
+        if model_id != self.args.model_id:
+            raise APIError(404, f"model {model_id!r} does not exist; this server serves {self.args.model_id!r}",
+                           "model_not_found", "model")
+        return self._model()
+
 
     @app.post("/v1/chat/completions", responses={**STREAMED, **error_responses(404, 409, 503)})
     async def chat_completions(self, body: ChatCompletionRequest, request: Request, session: SessionHeader = None):
         if len(body.messages) > self.args.limits.max_messages:
             raise APIError(400, f"{len(body.messages)} messages; the limit is {self.args.limits.max_messages} "
-                                "per request", code="too_many_messages", param="messages")
+                                "per request", "too_many_messages", "messages")
         messages = [Message(role=m.role if m.role != "developer" else "system", content=m.text())
                     for m in body.messages]
         return await self._respond(body, request, session, "chat.completion", messages=messages)
@@ -110,13 +152,13 @@ class OpenAIIngress:
     async def get_session(self, session_id: SessionPath, request: Request) -> dict:
         info = await self._session_call("get_session", session_id, request)
         if info is None:
-            raise APIError(404, f"session {session_id!r} not found", code="session_not_found")
+            raise APIError(404, f"session {session_id!r} not found", "session_not_found")
         return {"object": "session", "id": session_id, **info.model_dump(exclude={"session_id"})}
 
     @app.delete("/v1/sessions/{session_id:path}", responses=error_responses(404, 503))
     async def delete_session(self, session_id: SessionPath, request: Request) -> dict:
         if not await self._session_call("delete_session", session_id, request):
-            raise APIError(404, f"session {session_id!r} not found", code="session_not_found")
+            raise APIError(404, f"session {session_id!r} not found", "session_not_found")
         return {"object": "session.deleted", "id": session_id, "deleted": True}
 
     async def _session_call(self, method: str, session_id: str, request: Request):
@@ -131,16 +173,19 @@ class OpenAIIngress:
     async def _respond(self, body: SamplingFields, request: Request, session: str | None, kind: str, **content):
         if body.model != self.args.model_id:
             raise APIError(404, f"model {body.model!r} does not exist; this server serves "
-                                f"{self.args.model_id!r}", code="model_not_found", param="model")
+                                f"{self.args.model_id!r}", "model_not_found", "model")
+        if self.drain.draining:
+            raise APIError(503, "the server is shutting down; retry on another server", "server_shutting_down")
         sid = session or body.session_id
         scoped = scoped_session_id(request.scope[TENANT_SCOPE_KEY], sid) if sid else None
         turn = ChatRequest(session_id=scoped, sampling=body.sampling(min(256, self.args.max_completion_tokens)),
                            logprobs=body.wants_logprobs, **content)
         stream, first = await self._first_chunk(turn, scoped)
+        stream = self.drain.until_cut(stream, first.replica_id)
         if scoped != sid:
             stream, first = _in_own_words(stream, scoped, sid), _own_words(first, scoped, sid)
         if first.error is not None:
-            raise APIError(first.error.status, first.error.message, first.error.type, first.error.type)
+            raise APIError.of(first.error)
         headers = {REPLICA_HEADER: first.replica_id}
         if first.reprefill_s is not None:
             headers[REPREFILL_HEADER] = f"{1000 * first.reprefill_s:.1f}"
@@ -155,7 +200,7 @@ class OpenAIIngress:
         chunks = [first] + [c async for c in stream]
         last = chunks[-1]
         if last.error is not None:
-            raise APIError(last.error.status, last.error.message, last.error.type, last.error.type)
+            raise APIError.of(last.error)
         return JSONResponse(shape.whole(chunks), headers=headers)
 
     async def _first_chunk(self, turn: ChatRequest, sid: str | None) -> tuple[AsyncIterator[ChatChunk], ChatChunk]:
@@ -165,9 +210,9 @@ class OpenAIIngress:
             try:
                 return stream, await stream.__anext__()
             except StopAsyncIteration:
-                raise APIError(500, "the server ended the turn without a response", "internal_error")
+                raise APIError(500, "the server ended the turn without a response")
             except RayTaskError as exc:  # the replica's code raised: a bug, not a lost replica; no retry
-                raise APIError(500, f"the server failed the turn: {type(exc).__name__}", "internal_error")
+                raise APIError(500, f"the server failed the turn: {type(exc).__name__}")
             except Exception as exc:  # replica died or was unreachable before streaming anything
                 if attempt == 2:
                     raise APIError(503, f"no replica could serve the turn: {type(exc).__name__}",

@@ -3,11 +3,19 @@ import json
 import time
 from collections.abc import AsyncIterator
 
-from .protocol import ChatChunk
+from .protocol import ChatChunk, ErrorInfo
 
 
 def error_body(status: int, message: str, type_: str, code: str | None = None, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code or str(status)}}
+    """OpenAI's error object: `code` is a machine-readable string or null (never the HTTP status),
+    `param` the offending field or null."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_from(info: ErrorInfo) -> dict:
+    """A replica's error as OpenAI shapes it: the broad type by status, our kind as the code."""
+    broad = "invalid_request_error" if info.status < 500 else "server_error"
+    return error_body(info.status, info.message, broad, None if info.type == broad else info.type)
 
 
 class Shaper:
@@ -70,7 +78,7 @@ async def sse_stream(shape: Shaper, first: ChatChunk, rest: AsyncIterator[ChatCh
     chunk, is_first = first, True
     while True:
         if chunk.error is not None:  # after tokens were streamed: an error event, and the turn is not committed
-            yield data(error_body(chunk.error.status, chunk.error.message, chunk.error.type, chunk.error.type))
+            yield data(error_from(chunk.error))
             return
         yield data(shape.piece(chunk, is_first))
         is_first = False
@@ -82,7 +90,7 @@ async def sse_stream(shape: Shaper, first: ChatChunk, rest: AsyncIterator[ChatCh
             break
         except Exception as exc:  # the replica died mid-turn
             yield data(error_body(503, f"the replica serving this turn failed: {type(exc).__name__}",
-                                  "service_unavailable"))
+                                  "server_error", "replica_failed"))
             return
     if include_usage:
         obj = shape._obj([], "chat.completion.chunk" if shape.kind == "chat.completion" else "text_completion",

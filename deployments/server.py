@@ -23,7 +23,7 @@ from swift_engine import (CapacityError, EngineError, HistoryMismatchError, Inva
 from .autoscaling import autoscaling_stats
 from .config import AppArgs
 from .logprobs import token_logprobs
-from .metrics import server_metrics
+from .metrics import ServerMetrics
 from .protocol import ChatChunk, ChatRequest, ErrorInfo, SessionInfo
 from .store_factory import make_store
 from .stream_batching import coalesce
@@ -52,7 +52,7 @@ class LLMServer:
         self.epochs: dict[str, int] = {}      # sessions this replica owns -> epoch
         self.created: dict[str, float] = {}
         self.last_turn: dict[str, dict] = {}  # the LAST_TURN fields of each owned session's record
-        self.metrics = server_metrics()
+        self.metrics = ServerMetrics(self.args.model_id, self.replica_id)
 
     # ---- the turn ---------------------------------------------------------
     async def chat(self, request: ChatRequest | dict) -> AsyncIterator[ChatChunk]:
@@ -95,7 +95,7 @@ class LLMServer:
             kw = {"messages": messages} if messages is not None else {"prompt_token_ids": self._encode(req.prompt)}
             async for ev in self.engine.generate(sid, sampling=req.sampling, **kw):
                 now = time.perf_counter()
-                self.metrics["ttft" if last == start else "itl"].observe(1000 * (now - last))
+                (self.metrics.ttft if last == start else self.metrics.itl).observe(1000 * (now - last))
                 last = now
                 chunk = ChatChunk(replica_id=self.replica_id, session_id=sid, text=ev.text,
                                   token_ids=[] if ev.token_id is None else [ev.token_id], reprefill_s=reprefill,
@@ -105,7 +105,8 @@ class LLMServer:
                     text.append(ev.text)
                     yield chunk
                     continue
-                self.metrics["tokens"].inc(ev.usage.completion_tokens)
+                if ev.usage.completion_tokens:
+                    self.metrics.tokens.inc(ev.usage.completion_tokens)
                 if ev.finish_reason == "cancelled":  # the engine is shutting down: not committed
                     await self.drop_cached(sid)
                     yield self._error(sid, CapacityError("the replica is shutting down; retry the turn"))
@@ -167,7 +168,7 @@ class LLMServer:
             self.epochs[sid], self.created[sid] = claim.epoch, claim.record.created_at
             record = claim.previous
             if record is not None and record.owner != self.replica_id:
-                self.metrics["claims"].inc()
+                self.metrics.claims.inc()
         if record is not None:
             self.last_turn[sid] = record.model_dump(include=set(LAST_TURN))
         if self.engine.has_session(sid) or record is None or record.tokens_seen == 0:
@@ -175,8 +176,8 @@ class LLMServer:
         snap = SessionSnapshot(**record.model_dump(include=set(SessionSnapshot.model_fields) - {"session_id"}),
                                session_id=sid)
         seconds = await self.engine.restore(sid, snap)
-        self.metrics["reprefills"].inc()
-        self.metrics["reprefill_ms"].observe(1000 * seconds)
+        self.metrics.reprefills.inc()
+        self.metrics.reprefill_ms.observe(1000 * seconds)
         return seconds
 
     async def _commit(self, sid: str, last_turn: dict) -> Exception | None:
@@ -197,10 +198,10 @@ class LLMServer:
                 self.epochs[sid] = claim.epoch
                 await retry_commit(self.store, record.model_copy(update={"epoch": claim.epoch}))
         except StoreError as exc:
-            self.metrics["commit_failures"].inc(tags={"reason": type(exc).__name__})
+            self.metrics.commit_failed(exc)
             await self._forget(sid)  # not committed: drop our copy; the next turn rebuilds from the store
             return exc
-        self.metrics["commit_ms"].observe(1000 * (time.perf_counter() - start))
+        self.metrics.commit_ms.observe(1000 * (time.perf_counter() - start))
         self.last_turn[sid] = last_turn
         return None
 
@@ -245,10 +246,7 @@ class LLMServer:
 
     def record_routing_stats(self) -> dict:
         st = self.engine.stats()
-        self.metrics["resident"].set(st.sessions_resident)
-        self.metrics["pages_used"].set(st.pages_used)
-        self.metrics["evictions"].set(st.evictions)
-        self.metrics["tokens_per_s"].set(st.tokens_per_s)
+        self.metrics.engine_state(st)
         resident = self.engine.resident_sessions()
         # free_pages counts idle sessions' pages: LRU eviction frees them for a new session
         return {"replica_id": self.replica_id, "free_pages": st.pages_free + st.pages_evictable,
@@ -262,7 +260,8 @@ class LLMServer:
         return autoscaling_stats(self.record_routing_stats())
 
     def __del__(self):
-        self.engine.shutdown()
+        if hasattr(self, "engine"):  # the constructor may have failed before the engine existed
+            self.engine.shutdown()
 
 
 def _context_session_id() -> str | None:

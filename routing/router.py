@@ -115,11 +115,14 @@ def _decision_counter(app: str, deployment: str) -> metrics.Counter | None:
     Telemetry must never break routing, hence the broad guard.
     """
     try:
-        return metrics.Counter(
+        counter = metrics.Counter(
             "swiftserve_routing_decisions",
             description="Session-affinity routing decisions by kind.",
             tag_keys=("decision", "application", "deployment"),
         ).set_default_tags({"application": app, "deployment": deployment})
+        for kind in Kind:  # every series from start-up, at zero (Counter.inc refuses 0)
+            counter._record(0, tags={"decision": kind.value})
+        return counter
     except Exception:
         logger.warning("routing decision metrics disabled", exc_info=True)
         return None

@@ -1,0 +1,136 @@
+"""`swiftserve serve`: `serve run` of a config on a new local Ray, with care around it.
+
+Before Ray starts: the config is validated and its model resolved, and the ports are checked (Ray's
+proxy binds with SO_REUSEPORT, so a second server on a busy port would silently split its traffic).
+Then progress until every LLMServer replica can serve, and on SIGINT/SIGTERM a drain (see drain.py).
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .preflight import PreflightError, check_port_free, read_config, resolve_model
+
+
+class ServeOptions(BaseModel):
+    """What `swiftserve serve` takes beside the Serve config (its command-line flags)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: Path
+    host: str | None = Field(None, description="overrides the config's http_options.host")
+    port: int | None = Field(None, ge=1, le=65535, description="overrides the config's http_options.port")
+    dashboard_port: int = Field(8265, ge=1, le=65535)
+    metrics_port: int = Field(8080, ge=1, le=65535, description="Ray's Prometheus endpoint (/metrics)")
+    grace_s: float = Field(30.0, ge=0, description="how long running turns may finish after SIGINT/SIGTERM")
+
+
+def serve_forever(opts: ServeOptions) -> None:
+    start = time.monotonic()
+    spec, args, http = read_config(opts.config)
+    host, port = opts.host or http.get("host", "127.0.0.1"), opts.port or http.get("port", 8000)
+    for what, p in (("HTTP", port), ("dashboard", opts.dashboard_port), ("metrics", opts.metrics_port)):
+        check_port_free(host if what == "HTTP" else "0.0.0.0", p, what)
+    resolve_model(args.engine.model)
+    app_name = spec.get("name", "swiftserve")
+
+    import ray
+    from ray import serve
+
+    from .app import app_from_config
+    from .drain import NAMESPACE, DrainSignal, signal_name
+
+    try:
+        app, _ = app_from_config(opts.config)
+    except (ValueError, TypeError) as exc:  # a bad `deployments:` option
+        raise PreflightError(f"{opts.config}: {exc}".splitlines()[0]) from None
+    ctx = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+                   dashboard_port=opts.dashboard_port, _metrics_export_port=opts.metrics_port,
+                   logging_level="WARNING")
+    drain = DrainSignal.options(name=signal_name(app_name), namespace=NAMESPACE).remote()
+    serve.start(http_options={**http, "host": host, "port": port})
+    serve._run(app, _blocking=False, name=app_name, route_prefix=spec.get("route_prefix", "/"))
+    stop = _StopSignal()
+    if not _wait_ready(app_name, stop):
+        serve.shutdown()
+        raise PreflightError(f"application {app_name!r} failed to deploy: {_app_message(app_name)}")
+    shown = "127.0.0.1" if host == "0.0.0.0" else host
+    print(f"swiftserve ready in {time.monotonic() - start:.1f} s: http://{shown}:{port}/v1 (model "
+          f"{args.model_id!r}); dashboard http://{ctx.dashboard_url}; metrics "
+          f"http://127.0.0.1:{opts.metrics_port}/metrics; Ctrl-C drains and stops", file=sys.stderr, flush=True)
+    while not stop.count:
+        time.sleep(0.2)
+    _drain(drain, app_name, opts.grace_s, stop)
+    serve.shutdown()
+    ray.shutdown()
+    print("swiftserve stopped", file=sys.stderr, flush=True)
+
+
+class _StopSignal:
+    """Counts SIGINT/SIGTERM: the first drains, a second stops at once."""
+
+    def __init__(self):
+        self.count = 0
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, *_):
+        self.count += 1
+
+
+def _replica_counts(app_name: str) -> dict[str, dict[str, int]] | None:
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    if app is None:
+        return None
+    return {name: {str(k): v for k, v in d.replica_states.items()} for name, d in app.deployments.items()}
+
+
+def _app_message(app_name: str) -> str:
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    lines = [ln for ln in (app.message if app else "").splitlines() if ln.strip()]
+    return lines[-1] if lines else "no message"
+
+
+def _wait_ready(app_name: str, stop: _StopSignal) -> bool:
+    """Progress while replicas load; True once every LLMServer replica runs, False if the app failed."""
+    from ray import serve
+    from tqdm import tqdm
+
+    with tqdm(desc="replicas ready", unit="replica", file=sys.stderr, leave=False) as bar:
+        while not stop.count:
+            app = serve.status().applications.get(app_name)
+            status = str(app.status) if app else "NOT_STARTED"
+            if "DEPLOY_FAILED" in status:
+                return False
+            counts = _replica_counts(app_name) or {}
+            bar.total = sum(sum(c.values()) for c in counts.values()) or None
+            bar.n = sum(c.get("RUNNING", 0) for c in counts.values())
+            bar.refresh()
+            server = counts.get("LLMServer", {})
+            if "RUNNING" in status and server and server.get("RUNNING", 0) == sum(server.values()):
+                return True
+            time.sleep(0.5)
+    return True  # interrupted while loading: fall through to the drain
+
+
+def _drain(drain, app_name: str, grace_s: float, stop: _StopSignal) -> None:
+    """Stop new turns, let running ones finish until the deadline, then cut the rest (drain.py)."""
+    import ray
+
+    ingress = (_replica_counts(app_name) or {}).get("OpenAIIngress", {}).get("RUNNING", 0)
+    print(f"swiftserve draining: running turns have {grace_s:g} s to finish (Ctrl-C again stops now)",
+          file=sys.stderr, flush=True)
+    ray.get(drain.start.remote(grace_s))
+    deadline = time.monotonic() + grace_s + 5  # the cut turns' error events need a moment
+    while stop.count < 2 and time.monotonic() < deadline:
+        if ray.get(drain.idle_replicas.remote()) >= ingress:
+            return
+        time.sleep(0.1)
