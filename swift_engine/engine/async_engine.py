@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from ..config import EngineConfig
 from ..errors import CapacityError, EngineError, InvalidRequestError, SessionBusyError
-from ..models.loader import load_model, random_model, resolve_model_dir
+from ..models.loader import load_model, random_model, read_config, resolve_model_dir
 from ..outputs import GenerationEvent, SessionSnapshot
 from ..sampling import SamplingParams
 from ..tokenizer import ChatTokenizer
@@ -37,12 +37,14 @@ class StreamingEngine:
                  progress: bool = True):
         if model is None:
             model_dir = resolve_model_dir(config.model)
-            model = load_model(model_dir, config.device, config.torch_dtype, progress=progress)
+            model = (random_model(read_config(model_dir), config.device, config.torch_dtype)
+                     if config.load_format == "dummy" else
+                     load_model(model_dir, config.device, config.torch_dtype, progress=progress))
             tokenizer = ChatTokenizer(model_dir)
         self.core = EngineCore(config, model, tokenizer)
+        self.config = self.core.config  # S + W fitted to the model
         self.tokenizer = tokenizer
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self.config = self.core.config  # S + W fitted to the model
         self._outbox: list[Callable[[], None]] = []  # the step's events, handed over after publishing
         self._closed = False
         self._stopped = False  # the loop has ended: calls run on the caller's thread
@@ -191,13 +193,13 @@ class StreamingEngine:
     def has_session(self, session_id: str) -> bool:
         return session_id in self.core.sessions  # one dict lookup, atomic under the GIL
 
-    def resident_sessions(self) -> list[str]:
-        return list(self._view.resident)
     def hold_session(self, session_id: str) -> bool:
         """Like has_session, and a known session is then kept for its next turn: not forgotten as idle
         (max_idle_sessions, idle_session_ttl_s) for the next 30 s. Call it to decide not to restore."""
         return self.core.idle.hold(self.core.sessions, session_id)
 
+    def resident_sessions(self) -> list[str]:
+        return list(self._view.resident)
 
     def stats(self) -> EngineStats:
         return self._view.stats
