@@ -60,7 +60,10 @@ def random_model(cfg: dict, device="cpu", dtype=torch.float32, seed: int = 0) ->
 
 
 def _empty_model(args: ModelArgs, device, dtype) -> CausalLM:
-    model = _empty_model(args, device, torch.float32)
+    with torch.device("meta"):
+        model = CausalLM(args)
+    model.to_empty(device=device)
+    model.tie_weights()
     return model.to(dtype)
 
 
