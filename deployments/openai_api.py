@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import FastAPI, Header, Path, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from ray import serve
 from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
@@ -22,10 +22,12 @@ from .openai_schema import (SESSION_ID_MAX, ChatCompletionRequest, CompletionReq
                             error_responses)
 from .openai_format import Shaper, error_body, sse_stream
 from .protocol import ChatChunk, ChatRequest, ErrorInfo, Message
+from .turn_stream import TurnResponse, TurnStream
 
 REPLICA_HEADER = "x-swiftserve-replica"
 SESSION_HEADER = "x-session-id"
 REPREFILL_HEADER = "x-swiftserve-reprefill-ms"  # set when this turn rebuilt the cache
+DURABLE_HEADER = "x-swiftserve-durable"  # non-streamed turns: "false" if acknowledged before the store had it
 
 app = FastAPI(title="swiftserve", description="OpenAI-compatible streaming chat with StreamingLLM sessions")
 app.add_middleware(GuardMiddleware)  # API keys and limits, before anything reads the request
@@ -134,12 +136,8 @@ class OpenAIIngress:
                            "model_not_found", "model")
         return self._model()
 
-
     @app.post("/v1/chat/completions", responses={**STREAMED, **error_responses(404, 409, 503)})
     async def chat_completions(self, body: ChatCompletionRequest, request: Request, session: SessionHeader = None):
-        if len(body.messages) > self.args.limits.max_messages:
-            raise APIError(400, f"{len(body.messages)} messages; the limit is {self.args.limits.max_messages} "
-                                "per request", "too_many_messages", "messages")
         messages = [Message(role=m.role if m.role != "developer" else "system", content=m.text())
                     for m in body.messages]
         return await self._respond(body, request, session, "chat.completion", messages=messages)
@@ -180,8 +178,8 @@ class OpenAIIngress:
         scoped = scoped_session_id(request.scope[TENANT_SCOPE_KEY], sid) if sid else None
         turn = ChatRequest(session_id=scoped, sampling=body.sampling(min(256, self.args.max_completion_tokens)),
                            logprobs=body.wants_logprobs, **content)
-        stream, first = await self._first_chunk(turn, scoped)
-        stream = self.drain.until_cut(stream, first.replica_id)
+        upstream, first = await self._first_chunk(turn, scoped)
+        stream = self.drain.until_cut(upstream, first.replica_id)
         if scoped != sid:
             stream, first = _in_own_words(stream, scoped, sid), _own_words(first, scoped, sid)
         if first.error is not None:
@@ -195,20 +193,26 @@ class OpenAIIngress:
         shape = Shaper(kind, rid, self.args.model_id, body.wants_logprobs)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(sse_stream(shape, first, stream, include_usage), headers=headers,
-                                     media_type="text/event-stream")
-        chunks = [first] + [c async for c in stream]
+            return TurnResponse(sse_stream(shape, first, stream, include_usage), upstream, headers=headers,
+                                media_type="text/event-stream")
+        try:
+            chunks = [first] + [c async for c in stream]
+        finally:
+            upstream.cancel()  # if the client left before the turn ended
         last = chunks[-1]
         if last.error is not None:
             raise APIError.of(last.error)
-        return JSONResponse(shape.whole(chunks), headers=headers)
+        return JSONResponse(shape.whole(chunks), headers={**headers, DURABLE_HEADER: str(last.durable).lower()})
 
-    async def _first_chunk(self, turn: ChatRequest, sid: str | None) -> tuple[AsyncIterator[ChatChunk], ChatChunk]:
+    async def _first_chunk(self, turn: ChatRequest, sid: str | None) -> tuple[TurnStream, ChatChunk]:
         """Start the turn; if the replica dies before sending anything, retry once (on the new owner)."""
         for attempt in (1, 2):
-            stream = self.server.options(stream=True, session_id=sid).chat.remote(turn)
+            stream = TurnStream(self.server.options(stream=True, session_id=sid).chat.remote(turn))
             try:
                 return stream, await stream.__anext__()
+            except asyncio.CancelledError:  # the client left before the first token
+                stream.cancel()
+                raise
             except StopAsyncIteration:
                 raise APIError(500, "the server ended the turn without a response")
             except RayTaskError as exc:  # the replica's code raised: a bug, not a lost replica; no retry

@@ -52,9 +52,9 @@ class Shaper:
         if self.kind == "chat.completion":
             delta = ({"role": "assistant", "content": c.text} if first else {"content": c.text})
             choice = {"index": 0, "delta": delta, "finish_reason": c.finish_reason, "logprobs": self._lp([c])}
-            return self._obj([choice], "chat.completion.chunk")
-        return self._obj([{"index": 0, "text": c.text, "finish_reason": c.finish_reason,
-                           "logprobs": self._lp([c])}], "text_completion")
+            return durable(self._obj([choice], "chat.completion.chunk"), c)
+        return durable(self._obj([{"index": 0, "text": c.text, "finish_reason": c.finish_reason,
+                                   "logprobs": self._lp([c])}], "text_completion"), c)
 
     def whole(self, chunks: list[ChatChunk]) -> dict:
         text, last = "".join(c.text for c in chunks), chunks[-1]
@@ -63,7 +63,14 @@ class Shaper:
                       "finish_reason": last.finish_reason, "logprobs": self._lp(chunks)}
         else:
             choice = {"index": 0, "text": text, "finish_reason": last.finish_reason, "logprobs": self._lp(chunks)}
-        return self._obj([choice], self.kind, usage(last))
+        return durable(self._obj([choice], self.kind, usage(last)), last)
+
+
+def durable(obj: dict, c: ChatChunk) -> dict:
+    """The final chunk (or whole response) says whether the turn is in the store yet (`durability: relaxed`)."""
+    if c.finish_reason is not None:
+        obj["durable"] = c.durable
+    return obj
 
 
 def usage(c: ChatChunk) -> dict:

@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator
 from ray import serve
 
 from routing.affinity import pack_epochs, pack_sessions
-from routing.store import SessionRecord, StaleEpochError, StoreError, StoreUnavailableError, retry_commit
+from routing.store import (QuotaExceededError, SessionRecord, StaleEpochError, StoreError, StoreUnavailableError,
+                           retry_commit)
 from swift_engine import (CapacityError, EngineError, HistoryMismatchError, InvalidRequestError, SessionBusyError,
                           SessionSnapshot, StreamingEngine, UnknownSessionError, chain_digest)
 
@@ -28,12 +29,14 @@ from .protocol import ChatChunk, ChatRequest, ErrorInfo, SessionInfo
 from .store_factory import make_store
 from .stream_batching import coalesce
 
+WRITE_THROUGH_PERIOD_S = 0.5  # relaxed durability: how often pending records are retried
 LAST_TURN = ("last_request_digest", "last_reply", "last_finish_reason", "last_prompt_tokens",
              "last_completion_tokens")
 _STATUS = [(InvalidRequestError, 400, "invalid_request_error"), (HistoryMismatchError, 409, "history_mismatch"),
            (SessionBusyError, 409, "session_busy"), (UnknownSessionError, 404, "not_found"),
            (CapacityError, 503, "capacity"), (StoreUnavailableError, 503, "store_unavailable"),
-           (StaleEpochError, 409, "session_moved")]
+           (StaleEpochError, 409, "session_moved"),
+           (QuotaExceededError, 429, "session_quota_exceeded")]
 
 
 def error_info(exc: Exception) -> ErrorInfo:
@@ -52,6 +55,10 @@ class LLMServer:
         self.epochs: dict[str, int] = {}      # sessions this replica owns -> epoch
         self.created: dict[str, float] = {}
         self.last_turn: dict[str, dict] = {}  # the LAST_TURN fields of each owned session's record
+        self.pending: dict[str, SessionRecord] = {}  # acknowledged, not yet in the store (durability: relaxed)
+        self.pruned_at = time.monotonic()  # last time bookkeeping of sessions the engine forgot was dropped
+        self.write_through: asyncio.Task | None = None
+        self.unreachable = False  # relaxed: the store failed lately; no turn waits on it until the write-through
         self.metrics = ServerMetrics(self.args.model_id, self.replica_id)
 
     # ---- the turn ---------------------------------------------------------
@@ -115,11 +122,12 @@ class LLMServer:
                 last_turn = dict(last_request_digest=request_digest, last_reply="".join(text),
                                  last_finish_reason=ev.finish_reason, last_prompt_tokens=ev.usage.prompt_tokens,
                                  last_completion_tokens=ev.usage.completion_tokens)
-                error = await self._commit(sid, last_turn) if persisted else None
-                if error is not None:
-                    yield self._error(sid, error)
+                try:
+                    durable = await self._commit(sid, last_turn) if persisted else True
+                except StoreError as exc:
+                    yield self._error(sid, exc)
                     return
-                yield chunk.model_copy(update=dict(finish_reason=ev.finish_reason,
+                yield chunk.model_copy(update=dict(finish_reason=ev.finish_reason, durable=durable,
                                                    prompt_tokens=ev.usage.prompt_tokens,
                                                    completion_tokens=ev.usage.completion_tokens))
         except EngineError as exc:
@@ -148,22 +156,35 @@ class LLMServer:
 
     # ---- ownership --------------------------------------------------------
     async def _ensure_owned(self, sid: str) -> float | None:
-        """Own a current copy of the session; returns re-prefill seconds if the cache was rebuilt."""
+        """Own a current copy of the session; returns re-prefill seconds if the cache was rebuilt.
+
+        hold_session (not has_session): a session found in the engine is not forgotten as idle before
+        this turn reaches it, so "the engine has it, no restore" stays true."""
+        self._prune_forgotten(keep=sid)
         record, current = None, False
+        if sid in self.epochs and self.unreachable:  # relaxed and the store failed lately: serve what we hold
+            if sid in self.pending and not self.engine.hold_session(sid):
+                return await self._restore(sid, self.pending[sid])  # newer than the store's record
+            if self.engine.hold_session(sid):
+                return None
         if sid in self.epochs:
             try:
                 record = await self.store.get(sid)
             except StoreUnavailableError:
-                if self.engine.has_session(sid):
+                if self.engine.hold_session(sid):
+                    if self.args.durability == "relaxed":
+                        self.unreachable = True
+                        self._write_through_soon()
                     return None  # keep serving resident sessions while the store is down
                 raise
-            if record is None and self.engine.has_session(sid):
+            if record is None and self.engine.hold_session(sid):
                 # the store lost the record (restart without persistence): our copy is the best left
                 self.epochs[sid] = (await self.store.claim(sid, self.replica_id)).epoch
                 return None
             current = record is not None and record.epoch == self.epochs[sid] and record.owner == self.replica_id
         if not current:
             await self._forget(sid)
+            await self._admit(sid)
             claim = await self.store.claim(sid, self.replica_id)
             self.epochs[sid], self.created[sid] = claim.epoch, claim.record.created_at
             record = claim.previous
@@ -171,8 +192,35 @@ class LLMServer:
                 self.metrics.claims.inc()
         if record is not None:
             self.last_turn[sid] = record.model_dump(include=set(LAST_TURN))
-        if self.engine.has_session(sid) or record is None or record.tokens_seen == 0:
+        if self.engine.hold_session(sid) or record is None or record.tokens_seen == 0:
             return None
+        return await self._restore(sid, record)
+
+    def _prune_forgotten(self, keep: str) -> None:
+        """The engine forgets idle sessions (max_idle_sessions, idle_session_ttl_s); drop our bookkeeping of
+        them too, at most once a second. Their next turn claims and rebuilds them, as after a failover."""
+        now = time.monotonic()
+        if now - self.pruned_at < 1.0:
+            return
+        self.pruned_at = now
+        for sid in [s for s in self.epochs if s != keep and s not in self.pending and not self.engine.has_session(s)]:
+            del self.epochs[sid]
+            self.created.pop(sid, None)
+            self.last_turn.pop(sid, None)
+
+    async def _admit(self, sid: str) -> None:
+        """Count a session this replica takes on against its tenant's quota of live sessions."""
+        limit = self.args.limits.max_sessions_per_tenant
+        if limit is not None and not await self.store.admit(self._tenant(sid), sid, limit):
+            raise QuotaExceededError(f"session {sid!r} is refused: its tenant has {limit} live sessions, the "
+                                     "most it may; delete one (DELETE /v1/sessions/{id}) or reuse an id")
+
+    def _tenant(self, sid: str) -> str:
+        """The tenant of a tenant-scoped id (`tenant/id`); without API keys there is one tenant, ""."""
+        keyed = self.args.api_keys_env is not None or self.args.api_keys_file is not None
+        return sid.partition("/")[0] if keyed else ""
+
+    async def _restore(self, sid: str, record: SessionRecord) -> float:
         snap = SessionSnapshot(**record.model_dump(include=set(SessionSnapshot.model_fields) - {"session_id"}),
                                session_id=sid)
         seconds = await self.engine.restore(sid, snap)
@@ -180,32 +228,72 @@ class LLMServer:
         self.metrics.reprefill_ms.observe(1000 * seconds)
         return seconds
 
-    async def _commit(self, sid: str, last_turn: dict) -> Exception | None:
+    async def _commit(self, sid: str, last_turn: dict) -> bool:
+        """Store the turn before it is acknowledged; True once durable. A store that cannot be reached fails
+        the turn (StoreError), or with `durability: relaxed` leaves it pending for the write-through (False)."""
+        await asyncio.sleep(0)  # a cancellation on its way (the client left) lands here, before the commit
         snap = self.engine.snapshot(sid)
         now = time.time()
         record = SessionRecord(**snap.model_dump(), **last_turn, owner=self.replica_id, epoch=self.epochs[sid],
                                created_at=self.created.get(sid, now), updated_at=now)
         start = time.perf_counter()
-        attempts = max(1, int(self.args.commit_timeout_s / 0.5) + 3)
+        relaxed = self.args.durability == "relaxed"
         try:
-            try:
-                await retry_commit(self.store, record, attempts=attempts, base_delay_s=0.05, max_delay_s=0.5)
-            except StaleEpochError as exc:
-                if exc.stored_epoch is not None:
-                    raise
-                # the record vanished (store restarted without persistence): ours is the best copy left
-                claim = await self.store.claim(sid, self.replica_id)
-                self.epochs[sid] = claim.epoch
-                await retry_commit(self.store, record.model_copy(update={"epoch": claim.epoch}))
+            if self.unreachable:  # the store failed a moment ago: no turn waits on it until it is back
+                raise StoreUnavailableError("the store did not answer the last write; writing through later")
+            await self._write(sid, record, 1 if relaxed else max(1, int(self.args.commit_timeout_s / 0.5) + 3))
         except StoreError as exc:
             self.metrics.commit_failed(exc)
+            if relaxed and isinstance(exc, StoreUnavailableError):
+                self.pending[sid], self.last_turn[sid], self.unreachable = record, last_turn, True
+                self._write_through_soon()
+                return False
             await self._forget(sid)  # not committed: drop our copy; the next turn rebuilds from the store
-            return exc
+            raise
         self.metrics.commit_ms.observe(1000 * (time.perf_counter() - start))
         self.last_turn[sid] = last_turn
-        return None
+        return True
+
+    async def _write(self, sid: str, record: SessionRecord, attempts: int) -> None:
+        """Commit `record`, epoch-fenced; re-seed a record the store lost (restarted without persistence)."""
+        try:
+            await retry_commit(self.store, record, attempts=attempts, base_delay_s=0.05, max_delay_s=0.5)
+        except StaleEpochError as exc:
+            if exc.stored_epoch is not None:
+                raise
+            # the record vanished (store restarted without persistence): ours is the best copy left
+            claim = await self.store.claim(sid, self.replica_id)
+            self.epochs[sid] = claim.epoch
+            await retry_commit(self.store, record.model_copy(update={"epoch": claim.epoch}))
+
+    def _write_through_soon(self) -> None:
+        if self.write_through is None or self.write_through.done():
+            self.write_through = asyncio.get_running_loop().create_task(self._write_through())
+
+    async def _write_through(self) -> None:
+        """Relaxed durability: write the pending records, epoch-fenced, once the store answers again.
+
+        A session another replica claimed meanwhile loses its pending turns here (this copy is dropped).
+        """
+        while True:
+            await asyncio.sleep(WRITE_THROUGH_PERIOD_S)
+            for sid, record in list(self.pending.items()):
+                try:
+                    await self._write(sid, record.model_copy(update={"epoch": self.epochs[sid]}), attempts=1)
+                except StoreUnavailableError:
+                    break  # still unreachable
+                except StoreError as exc:
+                    self.metrics.commit_failed(exc)
+                    await self._forget(sid)
+                    continue
+                if self.pending.get(sid) is record:  # a later turn may have replaced it meanwhile
+                    del self.pending[sid]
+            if not self.pending:
+                break
+        self.unreachable = False
 
     async def _forget(self, sid: str) -> None:
+        self.pending.pop(sid, None)
         self.epochs.pop(sid, None)
         self.created.pop(sid, None)
         self.last_turn.pop(sid, None)
@@ -235,6 +323,8 @@ class LLMServer:
 
     async def delete_session(self, session_id: str) -> bool:
         await self._forget(session_id)
+        if self.args.limits.max_sessions_per_tenant is not None:
+            await self.store.release(self._tenant(session_id), session_id)
         return await self.store.delete(session_id)
 
     def engine_stats(self) -> dict:
