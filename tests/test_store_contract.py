@@ -170,6 +170,13 @@ async def test_delete(store: SessionStore) -> None:
     assert (await store.claim("s", "b")).previous is None
 
 
+async def test_admit_counts_live_sessions_per_group(store: SessionStore) -> None:
+    assert [await store.admit("t", f"t/{i}", 2) for i in range(3)] == [True, True, False]
+    assert await store.admit("t", "t/1", 2) and await store.admit("u", "u/0", 1)  # counted already; own group
+    await store.release("t", "t/0")
+    assert await store.admit("t", "t/2", 2) and not await store.admit("t", "t/3", 2)
+
+
 async def test_special_session_ids_do_not_collide(store: SessionStore) -> None:
     ids = [
         "{",
