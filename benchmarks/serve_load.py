@@ -224,12 +224,23 @@ def local_args(config: Path, model: str | None) -> tuple[dict, dict]:
     return {**spec["args"], **update}, update
 
 
-def run_served_locally(config: Path, update: dict, work: Workload, sampling: dict, model_id: str):
+def run_served_locally(config: Path, update: dict, work: Workload, sampling: dict, model_id: str,
+                       replicas: int | None):
+    import tempfile
+
     import ray
+    import yaml
     from ray import serve
 
     from deployments.app import app_from_config
 
+    if replicas is not None:  # the same config with another LLMServer replica count
+        spec = yaml.safe_load(config.read_text())
+        for d in spec["applications"][0]["deployments"]:
+            if d["name"] == "LLMServer":
+                d["num_replicas"] = replicas
+        config = Path(tempfile.mkdtemp()) / config.name
+        config.write_text(yaml.safe_dump(spec))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="serve-load")
     try:
         app, _ = app_from_config(config, update)
@@ -267,6 +278,8 @@ def main() -> None:
     target.add_argument("--local", type=Path, metavar="CONFIG", help="start this Serve config's app (e.g. "
                         "configs/local.yaml) and also run the engine alone on the same model")
     ap.add_argument("--model", help="model id (--url) or the model to serve instead of the config's (--local)")
+    ap.add_argument("--replicas", type=int, help="--local: LLMServer replicas instead of the config's (1 compares "
+                    "the serving path alone with the engine alone; more split the machine between engines)")
     ap.add_argument("--conversations", type=int, default=16)
     ap.add_argument("--turns", type=int, default=3)
     ap.add_argument("--rate", type=float, default=float("inf"), help="new conversations per second (Poisson)")
@@ -299,7 +312,7 @@ def main() -> None:
     else:
         app_args, update = local_args(a.local, a.model)
         model_id = app_args["model_id"]
-        results, wall = run_served_locally(a.local, update, work, sampling, model_id)
+        results, wall = run_served_locally(a.local, update, work, sampling, model_id, a.replicas)
         runs["served"] = (results, summarize(results, wall))
         results, wall = run_engine_alone(app_args, work, sampling)
         runs["engine alone"] = (results, summarize(results, wall))
