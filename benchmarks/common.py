@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 from swift_engine.config import EngineConfig
 from swift_engine.engine.core import EngineCore
 from swift_engine.engine.request import Request
-from swift_engine.models.loader import random_model
+from swift_engine.models.random_init import random_model
 from swift_engine.sampling import SamplingParams
 
 LLAMA2_7B = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=32000, hidden_size=4096,

@@ -8,7 +8,8 @@ from safetensors.torch import load_file, save_file
 
 from swift_engine import EngineConfig, StreamingEngine, UnsupportedModelError
 from swift_engine.models.families import ModelArgs
-from swift_engine.models.loader import bundled_models, load_model, random_model
+from swift_engine.models.loader import bundled_models, load_model
+from swift_engine.models.random_init import random_model
 from tests.model_configs import BASE, hf_model, save_hf_checkpoint
 from tests.test_model_equivalence import stream_logits
 

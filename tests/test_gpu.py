@@ -17,7 +17,7 @@ from swift_engine.config import EngineConfig
 from swift_engine.engine.cache import PageTable, SinkWindowCache
 from swift_engine.engine.model_runner import ModelRunner
 from swift_engine.layers.reference import reference_logits
-from swift_engine.models.loader import random_model
+from swift_engine.models.random_init import random_model
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

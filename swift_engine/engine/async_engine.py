@@ -21,7 +21,8 @@ from pydantic import ValidationError
 
 from ..config import EngineConfig
 from ..errors import CapacityError, EngineError, InvalidRequestError, SessionBusyError
-from ..models.loader import load_model, random_model, read_config, resolve_model_dir
+from ..models.loader import load_model, read_config, resolve_model_dir
+from ..models.random_init import random_model
 from ..outputs import GenerationEvent, SessionSnapshot
 from ..sampling import SamplingParams
 from ..tokenizer import ChatTokenizer

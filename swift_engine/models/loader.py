@@ -11,6 +11,7 @@ from tqdm import tqdm
 from ..errors import UnsupportedModelError
 from .families import ModelArgs
 from .llama import CausalLM
+from .random_init import empty_model
 
 
 BUNDLED = Path(__file__).resolve().parent / "checkpoints"  # trained reference models shipped in the package
@@ -42,31 +43,6 @@ def read_config(model_dir: Path) -> dict:
     return json.loads((model_dir / "config.json").read_text())
 
 
-def random_model(cfg: dict, device="cpu", dtype=torch.float32, seed: int = 0) -> CausalLM:
-    """Random init (normal 0.02, unit norms) for tests and benchmarks: same arithmetic as real weights."""
-    args = ModelArgs.from_hf_config(cfg)
-    with torch.device("meta"):
-        model = CausalLM(args)
-    model.to_empty(device=device)
-    model.tie_weights()
-    gen = torch.Generator(device=device).manual_seed(seed)
-    for name, p in model.named_parameters():
-        with torch.no_grad():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0 - args.norm_offset)  # unit scale whether w or (1 + w) is applied
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
-    return model.to(dtype).eval()
-
-
-def _empty_model(args: ModelArgs, device, dtype) -> CausalLM:
-    with torch.device("meta"):
-        model = CausalLM(args)
-    model.to_empty(device=device)
-    model.tie_weights()
-    return model.to(dtype)
-
-
 # HF recomputes these buffers; old Llama checkpoints still carry them
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -91,7 +67,7 @@ def load_model(model_dir: Path, device="cpu", dtype=torch.float32, progress: boo
     """Strict: every checkpoint tensor lands in a parameter of the same shape and every parameter is
     loaded, else UnsupportedModelError names the tensor (a dropped bias would silently change logits)."""
     args = ModelArgs.from_hf_config(read_config(model_dir))
-    model = _empty_model(args, device, dtype)
+    model = empty_model(args, device, dtype)
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
     files = sorted(model_dir.glob("*.safetensors"))

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from .random_init import random_model
+
 TINY_CONFIG = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
@@ -61,8 +63,6 @@ def build_byte_tokenizer():
 
 
 def write_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
-    from .loader import random_model
-
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(TINY_CONFIG, indent=2))
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [257], "bos_token_id": 256}))
