@@ -1,0 +1,52 @@
+"""How long the engine's readers wait while a step runs: has_session, stats, resident_sessions,
+is_alive and an idle session's snapshot, timed 200 times each during a deliberately slow (1.5 s)
+prefill step on the tiny CPU model (no lock is held across a step; README "Architecture").
+
+    python benchmarks/engine_lock_wait.py
+"""
+import asyncio
+import statistics
+import threading
+import time
+
+from swift_engine import EngineConfig, SamplingParams, StreamingEngine
+
+async def main():
+    e = StreamingEngine(EngineConfig(model="tiny", sink_tokens=4, window_tokens=48, page_size=8), progress=False)
+    two, one = SamplingParams(max_tokens=2, ignore_eos=True), SamplingParams(max_tokens=1, ignore_eos=True)
+    async for _ in e.generate("idle", prompt_token_ids=list(range(1, 7)), sampling=two):
+        pass
+    real, started = e.core.runner.run, threading.Event()
+
+    def slow(*a, **k):
+        started.set()
+        time.sleep(1.5)
+        return real(*a, **k)
+
+    e.core.runner.run = slow
+
+    async def turn():
+        return [ev async for ev in e.generate("long", prompt_token_ids=list(range(1, 41)), sampling=one)]
+
+    step = asyncio.ensure_future(turn())
+    await asyncio.to_thread(started.wait, 10)
+    readers = [("has_session", lambda: e.has_session("idle")), ("stats", e.stats),
+               ("resident_sessions", e.resident_sessions), ("is_alive", e.is_alive),
+               ("snapshot(idle)", lambda: e.snapshot("idle"))]
+    res = {}
+    for name, fn in readers:
+        waits = []
+        for _ in range(200):
+            t0 = time.perf_counter()
+            fn()
+            waits.append(time.perf_counter() - t0)
+        res[name] = (statistics.median(waits) * 1e6, max(waits) * 1e6)
+    assert not step.done(), "the slow step ended before the readers were timed"
+    await step
+    e.shutdown()
+    for name, (med, mx) in res.items():
+        print(f"{name:20s} median {med:7.1f} us   max {mx:8.1f} us   (step in progress: 1,500,000 us)")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
