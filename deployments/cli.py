@@ -9,7 +9,7 @@ from importlib.resources import files
 from pathlib import Path
 
 DEFAULT_CONFIG = Path(str(files("configs") / "local.yaml"))  # package data: works from a wheel too
-DEFAULT_MODEL = "swiftserve-llama-7m"
+DEFAULT_MODEL = "smollm2-135m-instruct"  # as configs/local.yaml
 
 
 class HELP(argparse.ArgumentDefaultsHelpFormatter):
@@ -44,7 +44,8 @@ def parser() -> argparse.ArgumentParser:
     chat.add_argument("--session", help="session id to resume (default: a new one)")
     chat.add_argument("--system", help="system prompt of a new conversation")
     chat.add_argument("--model", help="with --url: a served model (default: the first); alone: a checkpoint dir, "
-                                      f"hub id, bundled name or 'tiny' (default: {DEFAULT_MODEL})")
+                                      ".gguf file, hub id, packaged or bundled name or 'tiny' "
+                                      f"(default: {DEFAULT_MODEL})")
     chat.add_argument("--max-tokens", type=int, default=256, help="most tokens per reply")
     chat.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
     chat.add_argument("--device", default="cpu", help="engine alone: torch device")

@@ -16,8 +16,8 @@ TINY_MODEL_ID = "swiftserve-tiny"
 
 
 def local_app_spec() -> dict:
-    """The local config's application with the tiny random-weight model in place of the bundled
-    trained one: serving tests exercise serving, and the tiny model keeps them fast on 2 cores."""
+    """The local config's application with the tiny random-weight model in place of SmolLM2:
+    serving tests exercise serving, and the tiny model keeps them fast on 2 cores."""
     spec = yaml.safe_load(LOCAL_CONFIG.read_text())["applications"][0]
     spec["args"]["model_id"] = TINY_MODEL_ID
     spec["args"]["engine"]["model"] = "tiny"
@@ -25,10 +25,10 @@ def local_app_spec() -> dict:
 
 
 @contextmanager
-def running_app(args_update: dict | None = None):
-    """serve.run the local app (tiny model, args updated) on a free port; yields the base URL."""
-    tiny = {k: local_app_spec()["args"][k] for k in ("model_id", "engine")}
-    app, _ = app_from_config(LOCAL_CONFIG, {**tiny, **(args_update or {})})
+def running_app(args_update: dict | None = None, tiny: bool = True):
+    """serve.run the local app (tiny model unless `tiny=False`, args updated) on a free port; yields the base URL."""
+    model = {k: local_app_spec()["args"][k] for k in ("model_id", "engine")} if tiny else {}
+    app, _ = app_from_config(LOCAL_CONFIG, {**model, **(args_update or {})})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(app, name="swiftserve", route_prefix="/")

