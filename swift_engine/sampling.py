@@ -87,9 +87,9 @@ class Sampler:
         self._token_keys = _hash32(torch.arange(vocab_size, device=device, dtype=torch.int64) * 0x2545F491 & _MASK32)
         # on a GPU the race is one fused kernel instead of ~25 passes over [B, V]; compiled here, not mid-step
         self._race_pick = torch.compile(_race_pick, dynamic=True) if device.type == "cuda" else _race_pick
-        if device.type == "cuda":
-            self._race_pick(torch.rand(2, vocab_size, device=device), torch.zeros(2, 3, dtype=torch.int64,
-                                                                                 device=device), self._token_keys)
+        for rows in (1, 2) if device.type == "cuda" else ():  # one row is its own compiled case
+            self._race_pick(torch.rand(rows, vocab_size, device=device),
+                            torch.zeros(rows, 3, dtype=torch.int64, device=device), self._token_keys)
 
     def prepare(self, row: SamplingRow) -> None:
         """At submission: check token ids against the vocabulary; draw a seed for an unseeded row."""
