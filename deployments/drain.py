@@ -71,10 +71,18 @@ class DrainWatch:
             await asyncio.sleep(0.05)
         await signal.report_idle.remote(replica_id)
 
-    async def until_cut(self, stream, replica_id: str) -> AsyncIterator[ChatChunk]:
-        """The turn's chunks, counted in flight; at the deadline an error chunk instead, and the turn
-        is cancelled upstream (LLMServer then neither commits nor keeps it)."""
+    def enter(self) -> None:
+        """A turn starts (counted before its first token, so a drain that begins then still waits)."""
         self.in_flight += 1
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+
+    async def until_cut(self, stream, replica_id: str) -> AsyncIterator[ChatChunk]:
+        """The chunks of an entered turn, which leaves when they end; at the deadline an error chunk
+        instead, and the turn is cancelled upstream (LLMServer then neither commits nor keeps it).
+        A streamed response whose body never starts (the client left first) never leaves: a drain then
+        waits out its grace period, no more."""
         cut = asyncio.ensure_future(self.cut.wait())
         nxt = None
         try:
@@ -96,4 +104,4 @@ class DrainWatch:
             cut.cancel()
             if nxt is not None:
                 nxt.cancel()  # the client left mid-wait: nobody will read this chunk (or its error)
-            self.in_flight -= 1
+            self.leave()

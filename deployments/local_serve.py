@@ -48,20 +48,23 @@ def serve_forever(opts: ServeOptions) -> None:
         app, _ = app_from_config(opts.config)
     except (ValueError, TypeError) as exc:  # a bad `deployments:` option
         raise PreflightError(f"{opts.config}: {exc}".splitlines()[0]) from None
+    stop = _StopSignal()  # from here on a signal drains (or, while loading, stops) instead of being lost
     ctx = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
                    dashboard_port=opts.dashboard_port, _metrics_export_port=opts.metrics_port,
                    logging_level="WARNING")
     drain = DrainSignal.options(name=signal_name(app_name), namespace=NAMESPACE).remote()
     serve.start(http_options={**http, "host": host, "port": port})
     serve._run(app, _blocking=False, name=app_name, route_prefix=spec.get("route_prefix", "/"))
-    stop = _StopSignal()
+    stop.install()  # again: ray.init installs handlers of its own
     if not _wait_ready(app_name, stop):
         serve.shutdown()
         raise PreflightError(f"application {app_name!r} failed to deploy: {_app_message(app_name)}")
     shown = "127.0.0.1" if host == "0.0.0.0" else host
-    print(f"swiftserve ready in {time.monotonic() - start:.1f} s: http://{shown}:{port}/v1 (model "
-          f"{args.model_id!r}); dashboard http://{ctx.dashboard_url}; metrics "
-          f"http://127.0.0.1:{opts.metrics_port}/metrics; Ctrl-C drains and stops", file=sys.stderr, flush=True)
+    if not stop.count:
+        print(f"swiftserve ready in {time.monotonic() - start:.1f} s: http://{shown}:{port}/v1 (model "
+              f"{args.model_id!r}); dashboard http://{ctx.dashboard_url}; metrics "
+              f"http://127.0.0.1:{opts.metrics_port}/metrics; Ctrl-C drains and stops", file=sys.stderr,
+              flush=True)
     while not stop.count:
         time.sleep(0.2)
     _drain(drain, app_name, opts.grace_s, stop)
@@ -75,6 +78,9 @@ class _StopSignal:
 
     def __init__(self):
         self.count = 0
+        self.install()
+
+    def install(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
 
@@ -118,7 +124,7 @@ def _wait_ready(app_name: str, stop: _StopSignal) -> bool:
             if "RUNNING" in status and server and server.get("RUNNING", 0) == sum(server.values()):
                 return True
             time.sleep(0.5)
-    return True  # interrupted while loading: fall through to the drain
+    return True  # interrupted while loading: fall through to the drain, which has nothing to wait for
 
 
 def _drain(drain, app_name: str, grace_s: float, stop: _StopSignal) -> None:

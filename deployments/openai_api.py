@@ -178,12 +178,18 @@ class OpenAIIngress:
         scoped = scoped_session_id(request.scope[TENANT_SCOPE_KEY], sid) if sid else None
         turn = ChatRequest(session_id=scoped, sampling=body.sampling(min(256, self.args.max_completion_tokens)),
                            logprobs=body.wants_logprobs, **content)
-        upstream, first = await self._first_chunk(turn, scoped)
+        self.drain.enter()  # in flight from here: a drain waits for this turn (until_cut's end leaves)
+        try:
+            upstream, first = await self._first_chunk(turn, scoped)
+        except BaseException:
+            self.drain.leave()
+            raise
+        if first.error is not None:
+            self.drain.leave()
+            raise APIError.of(_own_words(first, scoped, sid) if scoped != sid else first)
         stream = self.drain.until_cut(upstream, first.replica_id)
         if scoped != sid:
             stream, first = _in_own_words(stream, scoped, sid), _own_words(first, scoped, sid)
-        if first.error is not None:
-            raise APIError.of(first.error)
         headers = {REPLICA_HEADER: first.replica_id}
         if first.reprefill_s is not None:
             headers[REPREFILL_HEADER] = f"{1000 * first.reprefill_s:.1f}"

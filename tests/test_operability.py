@@ -100,7 +100,7 @@ def test_bad_config_and_unknown_model_are_one_line_before_ray(tmp_path):
     one_line_error(out, "'no-such-org/no-such-model'")
     out = run([sys.executable, "-m", "deployments.cli", "chat", "--url", f"http://127.0.0.1:{free_port()}/v1"])
     one_line_error(out, "cannot connect")
-    assert time.monotonic() - start < 60  # no Ray, no retries
+    assert time.monotonic() - start < 150  # no Ray, no hub retries (seconds each, minutes on a loaded machine)
 
 
 def test_ctrl_c_stops_the_reply_and_keeps_the_conversation(tmp_path):
@@ -273,7 +273,7 @@ def test_sigterm_drains_a_running_stream(server):
                 async for line in r.aiter_lines():
                     if line.startswith("data:"):
                         events.append(line[5:].strip())
-                    if len(events) == 3:
+                    if len(events) == 3 and not signalled:  # once: a second signal stops at once
                         server["proc"].send_signal(signal.SIGTERM)
                         signalled.append(time.monotonic())
                         for _ in range(100):  # the driver broadcasts the drain within a moment
