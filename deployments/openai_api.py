@@ -186,7 +186,7 @@ class OpenAIIngress:
             raise
         if first.error is not None:
             self.drain.leave()
-            raise APIError.of(_own_words(first, scoped, sid) if scoped != sid else first)
+            raise APIError.of((_own_words(first, scoped, sid) if scoped != sid else first).error)
         stream = self.drain.until_cut(upstream, first.replica_id)
         if scoped != sid:
             stream, first = _in_own_words(stream, scoped, sid), _own_words(first, scoped, sid)
