@@ -40,7 +40,12 @@ SMALL = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=
              intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
              head_dim=64, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096,
              tie_word_embeddings=False)
-SHAPES = {"llama2-7b": LLAMA2_7B, "llama3-8b": LLAMA3_8B, "small-0.2b": SMALL}
+# the local default's shape (configs/local.yaml: SmolLM2-135M-Instruct; tied embeddings, GQA 9/3)
+SMOLLM2_135M = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=49152, hidden_size=576,
+                    intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                    head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=8192,
+                    tie_word_embeddings=True)
+SHAPES = {"llama2-7b": LLAMA2_7B, "llama3-8b": LLAMA3_8B, "small-0.2b": SMALL, "smollm2-135m": SMOLLM2_135M}
 
 
 # ---- results ---------------------------------------------------------------------

@@ -371,7 +371,7 @@ def plot(rows: list[dict], path: Path, title: str, main_sinks: int = 4, training
             if cv["bucket"] != rows[0]["curve"]["bucket"] and r["mode"] == "recompute":
                 label += f", 1 in {r['recompute_stride']} positions, per {cv['bucket']}"
             ax.plot(cv["tokens_seen"], cv["ppl"], label=label, **style)
-        if training_length:
+        if training_length and training_length <= max(x for r in rows for x in r["curve"]["tokens_seen"]):
             ax.axvline(training_length, color="grey", ls="--", lw=0.8, label=f"training length {training_length}")
         ax.set_yscale("log")
         ax.set_xlabel("tokens seen")
