@@ -387,7 +387,8 @@ def plot(rows: list[dict], path: Path, title: str, main_sinks: int = 4, training
             sweep = r["mode"] == "streaming" and r["sinks"] != main_sinks
             style = dict(lw=0.9, ls=":", color=plt.cm.viridis(min(r["sinks"], 8) / 9)) if sweep else \
                 dict(lw=1.5, color=colors[r["mode"]])
-            ax.plot(vr["tokens_seen"], vr["ppl_ratio"], label=r["label"], **style)
+            ax.plot(vr["tokens_seen"], vr["ppl_ratio"], label=r["label"], marker="o" if len(vr["ppl_ratio"]) < 4 else None,
+                    **style)
         ax.axhline(1.0, color=colors["recompute"], lw=1.0)
         ax.axhline(1.1, color="grey", ls="--", lw=0.8, label="+10%")
         ax.set_xlabel("tokens seen")
