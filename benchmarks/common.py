@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 from swift_engine.config import EngineConfig
 from swift_engine.engine.core import EngineCore
 from swift_engine.engine.request import Request
+from swift_engine.models.loader import load_model, read_config, resolve_model_dir
 from swift_engine.models.random_init import random_model
 from swift_engine.sampling import SamplingParams
 
@@ -127,7 +128,15 @@ def floor_ms(wbytes: int, kvbytes: int, gbs: float) -> float:
 
 
 # ---- the engine ----------------------------------------------------------------------
+def shape_config(shape: str) -> dict:
+    """HF config of a benchmark shape, or of a real model by name or path (e.g. smollm2-135m-instruct)."""
+    return SHAPES[shape] if shape in SHAPES else read_config(resolve_model_dir(shape))
+
+
 def make_model(shape: str | dict, dtype=torch.bfloat16, seed: int = 0):
+    """Random weights of a benchmark shape; real weights for a model name or path."""
+    if isinstance(shape, str) and shape not in SHAPES:
+        return load_model(resolve_model_dir(shape), "cuda", dtype)
     cfg = SHAPES[shape] if isinstance(shape, str) else shape
     torch.manual_seed(seed)
     return random_model(cfg, "cuda", dtype, seed)

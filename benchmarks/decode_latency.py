@@ -89,7 +89,7 @@ def run_shape(name: str, args, bw: float) -> dict:
         _, row["ours_eager_ms"] = ours(model, L, max(10, args.steps // 4), graphs=False)
         C.free()
         if hf is None:  # after the first engine fused the weights: shares the fused views
-            hf = C.hf_sharing(model, C.SHAPES[name], "eager")
+            hf = C.hf_sharing(model, C.shape_config(name), "eager")
         if not args.no_hf:
             row["hf_eager_ms"] = hf_eager_ms(hf, L, args.hf_steps, a.vocab_size)
             C.free()
@@ -326,7 +326,9 @@ def lab(args) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shapes", nargs="+", default=["llama2-7b", "llama3-8b"])
+    p.add_argument("--shapes", nargs="+", default=["llama2-7b", "llama3-8b"],
+                   help="benchmark shapes (random weights) or real models by name or path")
+    p.add_argument("--save-as", default="decode_latency", help="results file name (JSON, TXT)")
     p.add_argument("--sizes", nargs="+", type=int, default=SIZES)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--hf-steps", type=int, default=12)
@@ -343,10 +345,10 @@ def main():
     results = dict(copy_gbs=bw, S=S, shapes={})
     for name in args.shapes:
         results["shapes"][name] = run_shape(name, args, bw)
-        C.save("decode_latency", results)
+        C.save(args.save_as, results)
     txt = table(results)
     print(txt)
-    (C.results_dir() / "decode_latency.txt").write_text(txt + "\n")
+    (C.results_dir() / f"{args.save_as}.txt").write_text(txt + "\n")
 
 
 if __name__ == "__main__":

