@@ -10,6 +10,7 @@ import asyncio
 import os
 import time
 import uuid
+from collections import Counter
 from dataclasses import asdict
 from collections.abc import AsyncIterator
 
@@ -57,6 +58,7 @@ class LLMServer:
         self.last_turn: dict[str, dict] = {}  # the LAST_TURN fields of each owned session's record
         self.pending: dict[str, SessionRecord] = {}  # acknowledged, not yet in the store (durability: relaxed)
         self.pruned_at = time.monotonic()  # last time bookkeeping of sessions the engine forgot was dropped
+        self.in_turn: Counter[str] = Counter()  # requests between their claim and their end: never pruned
         self.write_through: asyncio.Task | None = None
         self.unreachable = False  # relaxed: the store failed lately; no turn waits on it until the write-through
         self.metrics = ServerMetrics(self.args.model_id, self.replica_id)
@@ -71,18 +73,23 @@ class LLMServer:
             yield self._error(sid, InvalidRequestError(
                 f"max_tokens {req.sampling.max_tokens} exceeds the limit {self.args.max_completion_tokens}"))
             return
-        try:
-            reprefill = await self._ensure_owned(sid) if persisted else None
-        except (StoreError, EngineError) as exc:
-            yield self._error(sid, exc)
-            return
         done = False
+        self.in_turn[sid] += 1
         try:
+            try:
+                reprefill = await self._ensure_owned(sid) if persisted else None
+            except (StoreError, EngineError) as exc:
+                done = True
+                yield self._error(sid, exc)
+                return
             turn = self._turn(sid, req, persisted, reprefill)
             async for chunk in coalesce(turn, self.args.stream_batching_interval_ms / 1000):
                 done = chunk.finish_reason is not None or chunk.error is not None
                 yield chunk
         finally:
+            self.in_turn[sid] -= 1
+            if not self.in_turn[sid]:
+                del self.in_turn[sid]
             if not done and persisted:  # client went away: the turn is not committed
                 asyncio.get_running_loop().create_task(self.drop_cached(sid))
             if not persisted:
@@ -203,7 +210,9 @@ class LLMServer:
         if now - self.pruned_at < 1.0:
             return
         self.pruned_at = now
-        for sid in [s for s in self.epochs if s != keep and s not in self.pending and not self.engine.has_session(s)]:
+        # a session in a turn may not be in the engine yet (its submission waits in the engine's inbox)
+        for sid in [s for s in self.epochs if s != keep and s not in self.pending and s not in self.in_turn
+                    and not self.engine.has_session(s)]:
             del self.epochs[sid]
             self.created.pop(sid, None)
             self.last_turn.pop(sid, None)

@@ -8,6 +8,7 @@ import pytest
 import schemathesis
 import torch
 from hypothesis import HealthCheck, assume, given, settings
+from hypothesis.errors import Unsatisfiable
 from hypothesis import strategies as st
 from pydantic import ValidationError
 from schemathesis import GenerationMode
@@ -58,7 +59,11 @@ def test_schemathesis_finds_no_server_error_and_the_app_still_serves(url):
                 seen[op.path, response.status_code] += 1
                 case.validate_response(response, checks=CHECKS)
 
-            call()
+            try:
+                call()
+            except Unsatisfiable:  # a path parameter that takes any string (a model id) has no invalid value
+                if mode is GenerationMode.POSITIVE or len(op.body) > 0:
+                    raise
     assert seen["/v1/chat/completions", 200] and seen["/v1/completions", 200]  # turns did run
     body = {"model": MODEL, "max_tokens": 3, "messages": [{"role": "user", "content": "still there?"}]}
     ok = httpx.post(url + "/v1/chat/completions", json=body, headers={**AUTH, "x-session-id": "after-fuzz"},

@@ -292,6 +292,12 @@ async def test_embedded_actor_loss_is_unavailable_then_recovers(ray_local: None)
     store = EmbeddedSessionStore(name=name)
     await store.claim("s", "a")
     ray.kill(ray.get_actor(name, namespace=ACTOR_NAMESPACE))
+    for _ in range(200):  # ray.kill returns before the actor is gone: wait until its name is free
+        try:
+            ray.get_actor(name, namespace=ACTOR_NAMESPACE)
+        except ValueError:
+            break
+        await asyncio.sleep(0.05)
     with pytest.raises(StoreUnavailableError):
         await store.get("s")
     try:
