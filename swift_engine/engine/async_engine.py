@@ -50,8 +50,7 @@ class StreamingEngine:
         self._closed = False
         self._stopped = False  # the loop has ended: calls run on the caller's thread
         self._stop_lock = threading.Lock()  # held only to queue a call or to end the loop, never across a step
-        self._started_at = time.monotonic()
-        self._view: EngineView = view_of(self.core, self._started_at)
+        self._view: EngineView = view_of(self.core)
         self._thread = threading.Thread(target=self._loop, name="swift-engine", daemon=True)
         self._thread.start()
 
@@ -90,7 +89,7 @@ class StreamingEngine:
             pass
 
     def _publish(self) -> None:
-        self._view = view_of(self.core, self._started_at)  # one reference swap: readers never wait
+        self._view = view_of(self.core)  # one reference swap: readers never wait
         events, self._outbox = self._outbox, []
         for deliver in events:
             deliver()

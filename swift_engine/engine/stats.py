@@ -6,7 +6,6 @@ waiting for the engine, whatever step is running.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from .core import EngineCore
@@ -26,7 +25,6 @@ class EngineStats:
     evictions: int
     reprefills: int
     tokens_generated: int
-    tokens_per_s: float
 
 
 @dataclass(frozen=True)
@@ -35,12 +33,13 @@ class EngineView:
     resident: tuple[str, ...]  # sessions holding cache pages or running
 
 
-def view_of(core: EngineCore, started_at: float) -> EngineView:
+def view_of(core: EngineCore) -> EngineView:
     """One pass over the sessions (engine thread only)."""
-    resident, evictable, running = [], 0, 0
+    resident, with_pages, evictable, running = [], 0, 0, 0
     for sid, s in core.sessions.items():
         if s.table.pages or s.running:
             resident.append(sid)
+        with_pages += bool(s.table.pages)
         if s.running:
             running += 1
         else:
@@ -49,8 +48,7 @@ def view_of(core: EngineCore, started_at: float) -> EngineView:
     stats = EngineStats(
         pages_total=cache.num_pages, pages_free=len(cache.free), pages_used=cache.num_pages - len(cache.free),
         pages_evictable=evictable, pages_to_admit=sched.reserve,
-        sessions_resident=sum(1 for sid in resident if core.sessions[sid].table.pages),
+        sessions_resident=with_pages,
         sessions_known=len(core.sessions), sessions_running=running, queue_depth=len(sched.waiting),
-        evictions=sched.evictions, reprefills=core.reprefills, tokens_generated=core.tokens_generated,
-        tokens_per_s=core.tokens_generated / max(time.monotonic() - started_at, 1e-9))
+        evictions=sched.evictions, reprefills=core.reprefills, tokens_generated=core.tokens_generated)
     return EngineView(stats, tuple(resident))
