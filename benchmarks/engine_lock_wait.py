@@ -11,19 +11,27 @@ import time
 
 from swift_engine import EngineConfig, SamplingParams, StreamingEngine
 
+
+def slow_steps(engine: StreamingEngine, seconds: float) -> threading.Event:
+    """Make every later step of `engine` take `seconds` longer; the event is set when one starts
+    (also used by tests/test_engine.py)."""
+    real, started = engine.core.runner.run, threading.Event()
+
+    def slow(*a, **k):
+        started.set()
+        time.sleep(seconds)
+        return real(*a, **k)
+
+    engine.core.runner.run = slow
+    return started
+
+
 async def main():
     e = StreamingEngine(EngineConfig(model="tiny", sink_tokens=4, window_tokens=48, page_size=8), progress=False)
     two, one = SamplingParams(max_tokens=2, ignore_eos=True), SamplingParams(max_tokens=1, ignore_eos=True)
     async for _ in e.generate("idle", prompt_token_ids=list(range(1, 7)), sampling=two):
         pass
-    real, started = e.core.runner.run, threading.Event()
-
-    def slow(*a, **k):
-        started.set()
-        time.sleep(1.5)
-        return real(*a, **k)
-
-    e.core.runner.run = slow
+    started = slow_steps(e, 1.5)
 
     async def turn():
         return [ev async for ev in e.generate("long", prompt_token_ids=list(range(1, 41)), sampling=one)]

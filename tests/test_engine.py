@@ -1,11 +1,11 @@
 """Engine behaviour on the tiny default model: batching, sessions, sampling, bad input."""
 import asyncio
-import threading
 import time
 
 import pytest
 from pydantic import ValidationError
 
+from benchmarks.engine_lock_wait import slow_steps
 from swift_engine import (CapacityError, EngineConfig, EngineError, HistoryMismatchError, InvalidRequestError,
                           SamplingParams, SessionBusyError, StreamingEngine, UnknownSessionError)
 from swift_engine.tokenizer import IncrementalDetokenizer
@@ -233,14 +233,7 @@ async def test_readers_and_submissions_do_not_wait_for_a_slow_step():
     queued without blocking the caller's event loop."""
     e = make()
     await run(e, "idle", prompt_token_ids=prompt(6, 3), sampling=SamplingParams(max_tokens=2, ignore_eos=True))
-    real_run, started = e.core.runner.run, threading.Event()
-
-    def slow(*args, **kw):
-        started.set()
-        time.sleep(1.5)
-        return real_run(*args, **kw)
-
-    e.core.runner.run = slow
+    started = slow_steps(e, 1.5)
     one = SamplingParams(max_tokens=1, ignore_eos=True)
     long_turn = asyncio.ensure_future(run(e, "long", prompt_token_ids=prompt(40, 4), sampling=one))
     assert await asyncio.to_thread(started.wait, 10)
