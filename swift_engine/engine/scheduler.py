@@ -79,10 +79,15 @@ class Scheduler:
                            if not s.running and s.table.pages and not s.needs_reprefill), None)
             if victim is None:
                 return False
-            self.cache.release(victim.table)  # least recently used first: `sessions` is LRU-ordered
-            victim.needs_reprefill = True
-            self.evictions += 1
+            self.evict_session(victim)  # least recently used first: `sessions` is LRU-ordered
         return True
+
+    def evict_session(self, session: Session) -> None:
+        """Take an idle session's pages from the pool; its next turn rebuilds them from its retained ids.
+        The one place pages of an idle session leave the GPU (page pressure, and any later policy)."""
+        self.cache.release(session.table)
+        session.needs_reprefill = True
+        self.evictions += 1
 
     def select(self) -> list[tuple[Request, int]]:
         """(request, tokens this step): all decodes first, then prefill chunks under the budget."""
