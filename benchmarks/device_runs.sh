@@ -3,6 +3,8 @@
 #   engine     GPU tests, decode at one size (regression check), sampling sweep     carry: .devcarry
 #   served     decode before/after this round (.devmodel/base), serve_load through Ray + HTTP at
 #              8/32/64 conversations, 8B shape                                   carry: .devcarry .devmodel/base
+#   profile    serve_load at 32 conversations with py-spy on the LLMServer replica (GIL holders, then all
+#              threads) while the served turns run                                carry: .devcarry
 #   model PART stash one piece of the SmolLM2 GGUF (split -b 33000000, .devmodel/)  carry: .devmodel/gguf/PART
 #   realmodel  GPU tests and decode latency on SmolLM2-135M-Instruct's real weights (after the pieces)
 set -o pipefail
@@ -33,6 +35,20 @@ served)
         2>&1 | tee "$OUT/serve_load_$n.log" | tail -8
   done
   pack served ;;
+profile)
+  source benchmarks/device_setup.sh || exit 1
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .devcarry/py_spy-*.whl
+  python3 benchmarks/dummy_checkpoint.py --shape llama3-8b --tokenizer .devcarry/smol-tok --out /tmp/llama3-8b-shape
+  log=$OUT/serve_load_profile.log
+  (timeout 200 python3 benchmarks/serve_load.py --local benchmarks/serve_h200.yaml --conversations 32 --turns 8 \
+      --max-tokens 128 --temperature 1.0 --top-p 0.9 --out /tmp/profile_run.json > "$log" 2>&1) &
+  timeout 150 bash -c "until grep -q served: $log 2>/dev/null; do sleep 0.5; done"
+  pid=$(pgrep -f "ServeReplica:swiftserve:LLMServer" | head -1); echo "replica pid $pid"
+  /tmp/site/bin/py-spy record --pid "$pid" --duration 6 --rate 250 --format raw --threads --gil \
+      --nonblocking -o "$OUT/replica_gil.txt" 2>&1 | tail -2
+  /tmp/site/bin/py-spy record --pid "$pid" --duration 6 --rate 250 --format raw --threads --idle \
+      --nonblocking -o "$OUT/replica_all.txt" 2>&1 | tail -2
+  wait; tail -4 "$log" ;;
 model)
   mkdir -p /tmp/gguf && cp ".devmodel/gguf/$2" /tmp/gguf/ && ls -la /tmp/gguf ;;
 realmodel)

@@ -6,14 +6,14 @@
 # `source benchmarks/device_setup.sh` (see benchmarks/NOTES-gpu.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=.devcarry; mkdir -p "$out/deps"; tmp=$(mktemp -d)
+out=$PWD/.devcarry; mkdir -p "$out/deps"; tmp=$(mktemp -d)
 get() { python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
           --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
           --platform manylinux1_x86_64 -d "$1" "${@:2}"; }
 get "$tmp" ray==2.60.0
 (cd "$tmp" && unzip -q ray-*.whl -d slim && cd slim && \
  rm -rf ray/jars ray/rllib ray/tune ray/train ray/data ray/llm ray/dashboard/client/build && \
- tar cf - . | xz -T0 -6 > "$OLDPWD/$out/ray-slim.tar.xz")
+ tar cf - . | xz -T0 -6 > "$out/ray-slim.tar.xz")
 # What Serve, our app and the load benchmark import that the device image lacks (versions as
 # pinned by this machine's install; grpcio-reflection matches the image's grpcio 1.84).
 get "$out/deps" pydantic==2.13.4 pydantic_core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2 \

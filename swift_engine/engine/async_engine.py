@@ -46,7 +46,8 @@ class StreamingEngine:
         self.config = self.core.config  # S + W fitted to the model
         self.tokenizer = tokenizer
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._outbox: list[Callable[[], None]] = []  # the step's events, handed over after publishing
+        # the step's events as (loop, queue, event), handed over after publishing
+        self._outbox: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, GenerationEvent]] = []
         self._closed = False
         self._stopped = False  # the loop has ended: calls run on the caller's thread
         self._stop_lock = threading.Lock()  # held only to queue a call or to end the loop, never across a step
@@ -91,8 +92,11 @@ class StreamingEngine:
     def _publish(self) -> None:
         self._view = view_of(self.core)  # one reference swap: readers never wait
         events, self._outbox = self._outbox, []
-        for deliver in events:
-            deliver()
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for loop, queue_, event in events:
+            by_loop.setdefault(loop, []).append((queue_, event))
+        for loop, batch in by_loop.items():  # one wake-up per loop per step, not one per token
+            loop.call_soon_threadsafe(_deliver, batch)
 
     def _call(self, fn: Callable[[], object]) -> Future:
         """Run fn on the engine thread between steps; its result or exception lands in the future."""
@@ -155,7 +159,7 @@ class StreamingEngine:
     async def _stream(self, req: Request, action) -> AsyncIterator[GenerationEvent]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
-        req.emit = lambda ev: self._outbox.append(lambda: loop.call_soon_threadsafe(events.put_nowait, ev))
+        req.emit = lambda ev: self._outbox.append((loop, events, ev))
         finished = False
         try:
             await asyncio.wrap_future(self._call(lambda: self._accept(req, action)))
@@ -231,3 +235,8 @@ def _sampling(sampling: SamplingParams | dict | None) -> SamplingParams:
     except ValidationError as exc:
         raise InvalidRequestError(f"invalid sampling parameters: {exc.errors()[0]['loc'][0]}: "
                                   f"{exc.errors()[0]['msg']}") from exc
+
+
+def _deliver(batch: list[tuple[asyncio.Queue, GenerationEvent]]) -> None:
+    for queue_, event in batch:
+        queue_.put_nowait(event)
