@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # This round's device work, one step per call to a warm machine (logs and results under $OUT):
 #   engine     GPU tests, decode at one size (regression check), sampling sweep     carry: .devcarry
-#   served     decode before/after this round (.devmodel/base), serve_load through Ray + HTTP at
+#   served     (CONFIG: Serve config, TAG: suffix of the result names) decode before/after this round (.devmodel/base), serve_load through Ray + HTTP at
 #              8/32/64 conversations, 8B shape                                   carry: .devcarry .devmodel/base
 #   profile    serve_load at 32 conversations with py-spy on the LLMServer replica (GIL holders, then all
 #              threads) while the served turns run                                carry: .devcarry
@@ -30,23 +30,24 @@ served)
   fi
   python3 benchmarks/dummy_checkpoint.py --shape llama3-8b --tokenizer .devcarry/smol-tok --out /tmp/llama3-8b-shape
   for n in ${LEVELS:-8 32 64}; do  # LEVELS: conversations per run
-    timeout 150 python3 benchmarks/serve_load.py --local benchmarks/serve_h200.yaml --conversations $n --turns 3 \
-        --max-tokens 128 --temperature 1.0 --top-p 0.9 --out benchmarks/results/h200/serve_load_$n.json \
-        2>&1 | tee "$OUT/serve_load_$n.log" | tail -8
+    timeout 150 python3 benchmarks/serve_load.py --local ${CONFIG:-benchmarks/serve_h200.yaml} --conversations $n \
+        --turns 3 --max-tokens 128 --temperature 1.0 --top-p 0.9 --out benchmarks/results/h200/serve_load_$n$TAG.json \
+        2>&1 | tee "$OUT/serve_load_$n$TAG.log" | tail -8
   done
   pack served ;;
 profile)
   source benchmarks/device_setup.sh || exit 1
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .devcarry/py_spy-*.whl
+  python3 -c "import zipfile,glob; zipfile.ZipFile(glob.glob('.devcarry/py_spy-*.whl')[0]).extract('py_spy-0.4.3.data/scripts/py-spy', '/tmp/pyspy')"
+  spy=/tmp/pyspy/py_spy-0.4.3.data/scripts/py-spy; chmod +x $spy
   python3 benchmarks/dummy_checkpoint.py --shape llama3-8b --tokenizer .devcarry/smol-tok --out /tmp/llama3-8b-shape
   log=$OUT/serve_load_profile.log
   (timeout 200 python3 benchmarks/serve_load.py --local benchmarks/serve_h200.yaml --conversations 32 --turns 8 \
       --max-tokens 128 --temperature 1.0 --top-p 0.9 --out /tmp/profile_run.json > "$log" 2>&1) &
   timeout 150 bash -c "until grep -q served: $log 2>/dev/null; do sleep 0.5; done"
   pid=$(pgrep -f "ServeReplica:swiftserve:LLMServer" | head -1); echo "replica pid $pid"
-  /tmp/site/bin/py-spy record --pid "$pid" --duration 6 --rate 250 --format raw --threads --gil \
+  $spy record --pid "$pid" --duration 6 --rate 250 --format raw --threads --gil \
       --nonblocking -o "$OUT/replica_gil.txt" 2>&1 | tail -2
-  /tmp/site/bin/py-spy record --pid "$pid" --duration 6 --rate 250 --format raw --threads --idle \
+  $spy record --pid "$pid" --duration 6 --rate 250 --format raw --threads --idle \
       --nonblocking -o "$OUT/replica_all.txt" 2>&1 | tail -2
   wait; tail -4 "$log" ;;
 model)
