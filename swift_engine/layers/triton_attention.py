@@ -54,7 +54,9 @@ if HAVE_TRITON:
     def _rotate(x1, x2, c, s):
         return x1 * c - x2 * s, x2 * c + x1 * s
 
-    @triton.jit
+    # lengths and split counts change from step to step: not specialized on (Triton would compile a
+    # variant for values of 1 and multiples of 16, mid-serving, on the engine thread)
+    @triton.jit(do_not_specialize=["split_size", "num_splits"])
     def _decode_kernel(
         Q, KN, VN, KC, VC, BT, META, COS, SIN, OUT, OPART, LSE,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -165,7 +167,7 @@ if HAVE_TRITON:
             lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
             tl.store(LSE + base, lse, mask=gm)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_splits"])
     def _combine_kernel(OPART, LSE, META, OUT, stride_meta, stride_ot, stride_oh, num_splits, num_q_heads,
                         D: tl.constexpr, BLOCK_S: tl.constexpr):
         b = tl.program_id(0)
@@ -328,6 +330,7 @@ class DecodeParams:
         want = max(1, math.ceil(programs_per_sm * sms / max(1, batch * kv_heads)))
         blocks = max(1, math.ceil(max_keys / block_n))
         splits = min(want, blocks, max_splits)
+        self.max_splits = max_splits  # sizes the combine kernel: one compiled variant for every split count
         self.split_size = math.ceil(blocks / splits) * block_n
         self.num_splits = math.ceil(max_keys / self.split_size) if max_keys > 0 else 1
         self.block_n, self.num_warps, self.num_stages, self.rope_delta = block_n, num_warps, num_stages, rope_delta
@@ -360,7 +363,7 @@ def decode_attention(q, k, v, kc, vc, block_table, meta, rope: RotaryTable, out,
         num_warps=params.num_warps, num_stages=params.num_stages)
     if not direct:
         _combine_kernel[(B, hq)](opart, lse, meta, out, meta.stride(0), out.stride(0), out.stride(1), ns, hq,
-                                 D=d, BLOCK_S=max(2, pow2(ns)), num_warps=4)
+                                 D=d, BLOCK_S=max(2, pow2(params.max_splits)), num_warps=4)
 
 
 def prefill_attention(q, kc, vc, block_table, seq_meta, qblocks, n_qblocks: int, rope: RotaryTable, out,

@@ -57,7 +57,7 @@ if HAVE_TRITON:
         tl.store(O + row * stride_o + cols, (a * u).to(O.dtype.element_ty), mask=m)
 
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])  # rows change with the batch: one variant per BLOCK_M, not per M
     def _gemv_kernel(X, W, B, NW, RES, Y, M, N, K, stride_x, stride_res, stride_y, eps,
                      PRO: tl.constexpr, EPI: tl.constexpr, HAS_BIAS: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
