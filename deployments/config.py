@@ -46,9 +46,6 @@ class AppArgs(BaseModel):
     stream_batching_interval_ms: float = Field(50.0, ge=0, le=1000, description=(
         "LLMServer merges a turn's tokens arriving within this interval into one message to the ingress "
         "(and one SSE chunk); the first token is never delayed; 0: merge only what is already waiting"))
-    gil_switch_interval_ms: float = Field(5.0, gt=0, le=100, description=(
-        "LLMServer's Python thread switch interval (sys.setswitchinterval; Python's default is 5 ms): the "
-        "engine thread and the replica's event loop share one GIL, and a waiting thread gets it after this"))
     api_keys_env: str | None = Field(None, min_length=1, description="env var holding API keys "
                                                                      "(`tenant:key` entries, see deployments/auth.py)")
     api_keys_file: str | None = Field(None, min_length=1, description="file holding API keys, same format; "

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import time
 import uuid
 from collections import Counter
@@ -51,7 +50,6 @@ def error_info(exc: Exception) -> ErrorInfo:
 class LLMServer:
     def __init__(self, args: dict | AppArgs):
         self.args = AppArgs.model_validate(args)
-        sys.setswitchinterval(self.args.gil_switch_interval_ms / 1000)
         self.engine = StreamingEngine(self.args.engine, progress=False)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.store = make_store(self.args)
