@@ -68,7 +68,7 @@ def by_search_loop(probs: torch.Tensor, bits: torch.Tensor, top_p: torch.Tensor)
     return lo
 
 
-VARIANTS = {"sort (sampler)": by_sort, "16-way search": by_search, "16-way search, 15 reductions": by_search_loop,
+VARIANTS = {"sort (sampler)": by_sort, "sort, compiled": by_sort, "16-way search": by_search, "16-way search, 15 reductions": by_search_loop,
             "radix histogram": by_radix}
 
 
@@ -86,7 +86,7 @@ def main() -> None:
         bits = probs.view(torch.int32)
         want = (bits >= by_sort(probs, bits, top_p)[:, None]).sum(-1)
         for name, fn in VARIANTS.items():
-            f = fn if name.startswith("sort") else torch.compile(fn, dynamic=True)
+            f = fn if name == "sort (sampler)" else torch.compile(fn, dynamic=True)
             exact = bool(torch.equal((bits >= f(probs, bits, top_p)[:, None]).sum(-1), want))
             ms = C.cuda_time_ms(lambda: f(probs, bits, top_p), reps=50)
             rows.append(dict(vocab=V, batch=args.batch, variant=name, ms=ms, exact=exact))
