@@ -94,8 +94,9 @@ class GpuRunner:
         self.max_keys = cache.S + cache.W
         self.maxp = cache.pages_spanned(cache.W + 1)  # pages a decoding session's plan lists
         self.use_graphs = config.cuda_graphs and self.device.type == "cuda"
-        limit = min(MAX_GRAPH_BATCH, config.max_batch_tokens)
-        self.buckets = [b for b in GRAPH_BUCKETS if b <= limit] or [1]
+        fits = [b for b in GRAPH_BUCKETS if b <= min(MAX_GRAPH_BATCH, config.max_batch_tokens)] or [1]
+        # up to the first bucket that holds max_running sessions: larger ones would never replay
+        self.buckets = fits[:next((i + 1 for i, b in enumerate(fits) if b >= config.max_running), len(fits))]
         self.width = PAGES_COL + self.maxp
         self.host = np.zeros((self.buckets[-1], self.width), dtype=np.int32)
         self.dev = torch.zeros(self.buckets[-1], self.width, dtype=torch.int32, device=self.device) \
@@ -107,6 +108,8 @@ class GpuRunner:
         self.use_gemv = config.triton_gemv and self.device.type == "cuda" \
             and model.lm_head.weight.dtype != torch.float32
         self.fused.gemv_cfg["sms"] = self.sms
+        for bucket in self.buckets if self.use_graphs else ():
+            self._capture(bucket)  # at start, as vLLM does: a bucket's first use mid-serving stalled every session
 
     def params_for(self, batch: int, max_keys: int) -> ta.DecodeParams:
         return ta.DecodeParams(batch, self.a.num_kv_heads, max_keys, self.sms, **self.decode_cfg)
