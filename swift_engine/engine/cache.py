@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import CapacityError
+from . import kv_fp8
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -83,13 +84,40 @@ class AppendPlan:
 
 class SinkWindowCache:
     def __init__(self, sink_tokens: int, window_tokens: int, page_size: int, num_pages: int,
-                 shape: tuple[int, int, int], device, dtype):
+                 shape: tuple[int, int, int], device, dtype, kv_cache_dtype: str = "auto"):
         self.S, self.W, self.P = sink_tokens, window_tokens, page_size
         layers, kv_heads, head_dim = shape
-        self.k = torch.empty(layers, num_pages * page_size, kv_heads, head_dim, device=device, dtype=dtype)
+        self.dtype = dtype  # what attention computes in; k/v hold e4m3 under kv_cache_dtype "fp8"
+        self.fp8 = kv_cache_dtype == "fp8"
+        store = kv_fp8.FP8 if self.fp8 else dtype
+        self.k = torch.empty(layers, num_pages * page_size, kv_heads, head_dim, device=device, dtype=store)
         self.v = torch.empty_like(self.k)
+        # fp8: one scale per slot and KV head (kv_fp8.py says why); None otherwise
+        self.k_scale = torch.zeros(layers, num_pages * page_size, kv_heads, device=device,
+                                   dtype=kv_fp8.SCALE_DTYPE) if self.fp8 else None
+        self.v_scale = torch.zeros_like(self.k_scale) if self.fp8 else None
         self.num_pages = num_pages
         self.free: deque[int] = deque(range(num_pages))
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store new tokens' keys/values [n, kv_heads, D] at `slots` (quantized under fp8)."""
+        if not self.fp8:
+            self.k[layer].index_copy_(0, slots, k)
+            self.v[layer].index_copy_(0, slots, v)
+            return
+        for x, cache, scales in ((k, self.k, self.k_scale), (v, self.v, self.v_scale)):
+            q, scale = kv_fp8.quantize(x)  # index_copy_ has no e4m3 kernel on CPU: copy the bytes
+            cache[layer].view(torch.uint8).index_copy_(0, slots, q.view(torch.uint8))
+            scales[layer].index_copy_(0, slots, scale)
+
+    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values at `slots`, in the compute dtype."""
+        if not self.fp8:
+            return self.k[layer][slots], self.v[layer][slots]
+        k = self.k[layer].view(torch.uint8)[slots].view(kv_fp8.FP8)
+        v = self.v[layer].view(torch.uint8)[slots].view(kv_fp8.FP8)
+        return (kv_fp8.dequantize(k, self.k_scale[layer][slots], self.dtype),
+                kv_fp8.dequantize(v, self.v_scale[layer][slots], self.dtype))
 
     @property
     def steady_pages(self) -> int:
