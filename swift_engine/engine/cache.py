@@ -31,6 +31,12 @@ def running_pages(sinks: int, window: int, page_size: int, max_batch_tokens: int
     return span_pages(sinks, window, page_size) + ceil_div(max_batch_tokens, page_size) + 1
 
 
+def page_bytes(shape: tuple[int, int, int], page_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> float:
+    """Bytes one page of keys and values takes over all layers (fp8: scales included)."""
+    layers, kv_heads, head_dim = shape
+    return 2 * layers * kv_heads * head_dim * page_size * kv_fp8.bytes_per_element(kv_cache_dtype, dtype, head_dim)
+
+
 def slot_of(pages, index: int, page_size: int) -> int:
     """The pool slot of a page table's `index`-th token."""
     return pages[index // page_size] * page_size + index % page_size

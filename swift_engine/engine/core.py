@@ -16,8 +16,7 @@ from ..models.llama import CausalLM
 from ..outputs import SessionSnapshot, Usage
 from ..sampling import Sampler
 from ..tokenizer import ChatTokenizer, IncrementalDetokenizer, StopStringMatcher
-from . import kv_fp8
-from .cache import SinkWindowCache
+from .cache import SinkWindowCache, page_bytes
 from .cache_fit import fit_cache_to_model
 from .idle import IdleBound
 from .model_runner import ModelRunner
@@ -50,8 +49,8 @@ class EngineCore:
 
     @staticmethod
     def _pages_for_memory(config: EngineConfig, a) -> int:
-        per_page = 2 * a.num_layers * a.num_kv_heads * a.head_dim * config.page_size \
-            * kv_fp8.bytes_per_element(config.kv_cache_dtype, config.torch_dtype, a.head_dim)
+        per_page = page_bytes((a.num_layers, a.num_kv_heads, a.head_dim), config.page_size, config.torch_dtype,
+                              config.kv_cache_dtype)
         return max(1, int(config.kv_cache_memory_gb * 2**30 // per_page))
 
     # ---- submission -------------------------------------------------------
