@@ -93,3 +93,15 @@ async def test_engine_serves_from_an_fp8_cache_within_its_memory():
         assert engine.core.sessions["s"].table.tokens == 4 + 48  # evicted through the fp8 pages
     finally:
         engine.shutdown()
+
+
+def test_perplexity_harness_runs_the_engine_with_an_fp8_cache():
+    from swift_engine.eval import ppl
+
+    model = random_model(CFG, "cpu", torch.float32, 1)
+    ids = torch.randint(0, 97, (120,), generator=torch.Generator().manual_seed(3)).tolist()
+    runs = ppl.build_runs(["dense", "streaming"], [16], 4, [], 120, [], ("auto", "fp8"))
+    assert [r.label for r in runs] == ["dense <= 120", "streaming 4+12", "streaming 4+12, fp8 KV"]
+    _, auto, fp8 = ppl.evaluate(model, ids, runs, chunk=7, progress=False)
+    assert not torch.equal(auto.logprobs, fp8.logprobs)  # the fp8 run really went through an fp8 cache
+    assert abs(fp8.ppl() / auto.ppl() - 1) < 1e-2
