@@ -369,6 +369,8 @@ def plot(rows: list[dict], path: Path, title: str, main_sinks: int = 4, training
             style = dict(color=colors[r["mode"]], lw=1.5)
             if r["mode"] == "streaming" and r["sinks"] != main_sinks:  # the sink sweep: thinner, dotted
                 style.update(lw=0.9, ls=":", alpha=0.8, color=plt.cm.viridis(min(r["sinks"], 8) / 9))
+            if r.get("kv_cache_dtype", "auto") != "auto":  # fp8 KV: dashed, beside its model-dtype run
+                style.update(ls="--", color="black", lw=1.0)
             if len(cv["ppl"]) < 4:
                 style["marker"] = "o"
             label = f"{r['label']} ({r['ppl']:.2f})"
