@@ -98,8 +98,9 @@ class SinkWindowCache:
         store = kv_fp8.FP8 if self.fp8 else dtype
         self.k = torch.empty(layers, num_pages * page_size, kv_heads, head_dim, device=device, dtype=store)
         self.v = torch.empty_like(self.k)
-        # fp8: one scale per slot and KV head (kv_fp8.py says why); None otherwise
-        self.k_scale = torch.zeros(layers, num_pages * page_size, kv_heads, device=device,
+        # fp8: one scale per KV head and slot (kv_fp8.py says why), a head's slots contiguous so a
+        # kernel reads a block of keys' scales in one transaction; None otherwise
+        self.k_scale = torch.zeros(layers, kv_heads, num_pages * page_size, device=device,
                                    dtype=kv_fp8.SCALE_DTYPE) if self.fp8 else None
         self.v_scale = torch.zeros_like(self.k_scale) if self.fp8 else None
         self.num_pages = num_pages
@@ -114,7 +115,7 @@ class SinkWindowCache:
         for x, cache, scales in ((k, self.k, self.k_scale), (v, self.v, self.v_scale)):
             q, scale = kv_fp8.quantize(x)  # index_copy_ has no e4m3 kernel on CPU: copy the bytes
             cache[layer].view(torch.uint8).index_copy_(0, slots, q.view(torch.uint8))
-            scales[layer].index_copy_(0, slots, scale)
+            scales[layer].index_copy_(1, slots, scale.T)
 
     def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values at `slots`, in the compute dtype."""
@@ -122,8 +123,8 @@ class SinkWindowCache:
             return self.k[layer][slots], self.v[layer][slots]
         k = self.k[layer].view(torch.uint8)[slots].view(kv_fp8.FP8)
         v = self.v[layer].view(torch.uint8)[slots].view(kv_fp8.FP8)
-        return (kv_fp8.dequantize(k, self.k_scale[layer][slots], self.dtype),
-                kv_fp8.dequantize(v, self.v_scale[layer][slots], self.dtype))
+        return (kv_fp8.dequantize(k, self.k_scale[layer][:, slots].T, self.dtype),
+                kv_fp8.dequantize(v, self.v_scale[layer][:, slots].T, self.dtype))
 
     @property
     def steady_pages(self) -> int:

@@ -76,7 +76,7 @@ if HAVE_TRITON:
     def _decode_kernel(
         Q, KN, VN, KC, VC, KS, VS, BT, META, COS, SIN, OUT, OPART, LSE,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-        stride_ct, stride_st, stride_bt, stride_meta, stride_ot, stride_oh,
+        stride_ct, stride_sh, stride_bt, stride_meta, stride_ot, stride_oh,
         split_size, num_splits, num_q_heads, sm_scale,
         G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
         P: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr,
@@ -125,8 +125,8 @@ if HAVE_TRITON:
             vsc = _fp8_scale(tl.max(tl.abs(vn), 0))
             kq1, kq2, vq = _fp8_quant(kn1, ksc), _fp8_quant(kn2, ksc), _fp8_quant(vn, vsc)
             kn1, kn2, vn = kq1.to(tl.float32) * ksc, kq2.to(tl.float32) * ksc, vq.to(tl.float32) * vsc
-            tl.store(KS + slot * stride_st + h, ksc, mask=has_new)
-            tl.store(VS + slot * stride_st + h, vsc, mask=has_new)
+            tl.store(KS + h * stride_sh + slot, ksc, mask=has_new)
+            tl.store(VS + h * stride_sh + slot, vsc, mask=has_new)
         else:
             kq1, kq2, vq = kn1r.to(CT), kn2r.to(CT), vnr.to(CT)
         kr1, kr2 = _rotate(kn1, kn2, c, s)
@@ -158,9 +158,9 @@ if HAVE_TRITON:
             k2 = tl.load(kp + HALF + dh[None, :], mask=km[:, None], other=0.0).to(tl.float32)
             v = tl.load(VC + slots[:, None] * stride_ct + h * D + dv[None, :], mask=km[:, None], other=0.0)
             if FP8:  # fp8: dequantize with each slot's scale
-                ks = tl.load(KS + slots * stride_st + h, mask=km, other=0.0)[:, None]
+                ks = tl.load(KS + h * stride_sh + slots, mask=km, other=0.0)[:, None]
                 k1, k2 = k1 * ks, k2 * ks
-                v = (v.to(tl.float32) * tl.load(VS + slots * stride_st + h, mask=km, other=0.0)[:, None]).to(DT)
+                v = (v.to(tl.float32) * tl.load(VS + h * stride_sh + slots, mask=km, other=0.0)[:, None]).to(DT)
             if ROPE_DELTA:
                 cb = tl.load(COS + i0 * HALF + dh)[None, :]
                 sb = tl.load(SIN + i0 * HALF + dh)[None, :]
@@ -218,7 +218,7 @@ if HAVE_TRITON:
         tl.store(OUT + row * stride_ot + hq * stride_oh + dv, out.to(OUT.dtype.element_ty))
 
     @triton.jit
-    def _attend_block(a1, a2, m_i, l_i, acc, KC, VC, KS, VS, slots, pos, km, vis, COS, SIN, stride_ct, stride_st,
+    def _attend_block(a1, a2, m_i, l_i, acc, KC, VC, KS, VS, slots, pos, km, vis, COS, SIN, stride_ct, stride_sh,
                       hk, DT: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, PREC: tl.constexpr,
                       FP8: tl.constexpr):
         dh = tl.arange(0, HALF)
@@ -227,7 +227,7 @@ if HAVE_TRITON:
         k1 = tl.load(kp + dh[None, :], mask=km[:, None], other=0.0).to(tl.float32)
         k2 = tl.load(kp + HALF + dh[None, :], mask=km[:, None], other=0.0).to(tl.float32)
         if FP8:  # fp8: dequantize with each slot's scale
-            ks = tl.load(KS + slots * stride_st + hk, mask=km, other=0.0)[:, None]
+            ks = tl.load(KS + hk * stride_sh + slots, mask=km, other=0.0)[:, None]
             k1, k2 = k1 * ks, k2 * ks
         ci = tl.load(COS + pos[:, None] * HALF + dh[None, :], mask=km[:, None], other=0.0)
         si = tl.load(SIN + pos[:, None] * HALF + dh[None, :], mask=km[:, None], other=0.0)
@@ -242,14 +242,14 @@ if HAVE_TRITON:
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(VC + slots[:, None] * stride_ct + hk * D + dv[None, :], mask=km[:, None], other=0.0)
         if FP8:
-            v = v.to(tl.float32) * tl.load(VS + slots * stride_st + hk, mask=km, other=0.0)[:, None]
+            v = v.to(tl.float32) * tl.load(VS + hk * stride_sh + slots, mask=km, other=0.0)[:, None]
         acc = acc * alpha[:, None] + tl.dot(p.to(DT), v.to(DT), input_precision=PREC)
         return m_new, l_i, acc
 
     @triton.jit
     def _prefill_kernel(
         Q, KC, VC, KS, VS, BT, SEQ, QB, COS, SIN, OUT,
-        stride_qt, stride_qh, stride_ct, stride_st, stride_bt, stride_ot, stride_oh,
+        stride_qt, stride_qh, stride_ct, stride_sh, stride_bt, stride_ot, stride_oh,
         sm_scale, W,
         G: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, P: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEQ_W: tl.constexpr, PREC: tl.constexpr, FP8: tl.constexpr,
@@ -303,7 +303,7 @@ if HAVE_TRITON:
             slots = page.to(tl.int64) * P + kk % P
             vis = rm[:, None] & km[None, :] & ((~is_sink[:, None]) | (kk[None, :] <= sink_index[:, None]))
             m_i, l_i, acc = _attend_block(a1, a2, m_i, l_i, acc, KC, VC, KS, VS, slots, kk, km, vis, COS, SIN,
-                                          stride_ct, stride_st, hk, Q.dtype.element_ty, D, HALF, PREC, FP8)
+                                          stride_ct, stride_sh, hk, Q.dtype.element_ty, D, HALF, PREC, FP8)
 
         # window: query and keys at their window index (only the distance matters)
         c = tl.load(COS + q_win_pos[:, None] * HALF + dh[None, :])
@@ -327,7 +327,7 @@ if HAVE_TRITON:
             vis = (rm & (~is_sink))[:, None] & km[None, :] \
                 & (kk[None, :] <= u[:, None]) & (kk[None, :] > u[:, None] - W)
             m_i, l_i, acc = _attend_block(a1, a2, m_i, l_i, acc, KC, VC, KS, VS, slots, kk, km, vis, COS, SIN,
-                                          stride_ct, stride_st, hk, Q.dtype.element_ty, D, HALF, PREC, FP8)
+                                          stride_ct, stride_sh, hk, Q.dtype.element_ty, D, HALF, PREC, FP8)
 
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         op = OUT + rows[:, None] * stride_ot + hq * stride_oh + dv[None, :]
@@ -335,7 +335,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _kv_write_kernel(K, V, KC, VC, KS, VS, SLOTS, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct,
-                         stride_st, D: tl.constexpr, FP8: tl.constexpr):
+                         stride_sh, D: tl.constexpr, FP8: tl.constexpr):
         t = tl.program_id(0)
         h = tl.program_id(1)
         slot = tl.load(SLOTS + t).to(tl.int64)
@@ -347,8 +347,8 @@ if HAVE_TRITON:
             k, v = k.to(tl.float32), v.to(tl.float32)
             ksc, vsc = _fp8_scale(tl.max(tl.abs(k), 0)), _fp8_scale(tl.max(tl.abs(v), 0))
             k, v = _fp8_quant(k, ksc), _fp8_quant(v, vsc)
-            tl.store(KS + slot * stride_st + h, ksc, mask=slot >= 0)
-            tl.store(VS + slot * stride_st + h, vsc, mask=slot >= 0)
+            tl.store(KS + h * stride_sh + slot, ksc, mask=slot >= 0)
+            tl.store(VS + h * stride_sh + slot, vsc, mask=slot >= 0)
         tl.store(KC + slot * stride_ct + h * D + d, k.to(KC.dtype.element_ty), mask=m)
         tl.store(VC + slot * stride_ct + h * D + d, v.to(VC.dtype.element_ty), mask=m)
 
@@ -383,7 +383,7 @@ class DecodeParams:
 def decode_attention(q, k, v, kc, vc, block_table, meta, rope: RotaryTable, out, params: DecodeParams,
                      page_size: int, scales=None):
     """Attention of B single-token queries (rows given by their "row" field); writes `out` rows and the cache.
-    `scales`: the layer's (k_scale, v_scale) [slots, kv_heads] when kc/vc hold fp8."""
+    `scales`: the layer's (k_scale, v_scale) [kv_heads, slots] when kc/vc hold fp8."""
     B, hkv = meta.shape[0], kc.shape[1]
     hq, d = q.shape[1], q.shape[2]
     g = hq // hkv
