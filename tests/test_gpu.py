@@ -8,8 +8,8 @@ different summation order). bfloat16 is compared with the float32 CPU path on th
 run in bfloat16 on the same GPU (the bf16 noise floor), and under 5e-2 absolute.
 FP8 KV cache (kv_cache_dtype fp8): float32 Triton vs float32 CPU torch path, both fp8, within
 2e-3 (same stored values, except where x/scale sits on an e4m3 rounding boundary: Triton's
-division is not correctly rounded); bfloat16 with fp8 within 5e-2 of the float32 path without
-fp8 (e4m3's 2^-4 relative step gives about 1.5e-2 on these models, tests/test_kv_fp8.py).
+division is not correctly rounded); the long stream in bfloat16 with fp8 within 6e-2 of the
+float32 reference (fp8 alone, float32 on the CPU: 3.4e-2 there; bf16 alone: within 2e-2).
 """
 import copy
 import random
@@ -138,7 +138,7 @@ def test_bf16_gpu_within_bf16_noise_of_cpu_fp32(arch):
 
 
 @pytest.mark.parametrize("dtype, kv_cache_dtype, tol", [(torch.float32, "auto", 1e-4), (torch.bfloat16, "auto", 2e-2),
-                                                       (torch.bfloat16, "fp8", 5e-2)])
+                                                       (torch.bfloat16, "fp8", 6e-2)])
 def test_long_stream_equals_slow_reference(dtype, kv_cache_dtype, tol):
     """One session far past eviction, decode and chunks mixed, against reference_logits (CPU fp32)."""
     base = cpu_model(CONFIGS["llama-gqa"])
