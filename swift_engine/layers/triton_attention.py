@@ -157,10 +157,9 @@ if HAVE_TRITON:
             k1 = tl.load(kp + dh[None, :], mask=km[:, None], other=0.0).to(tl.float32)
             k2 = tl.load(kp + HALF + dh[None, :], mask=km[:, None], other=0.0).to(tl.float32)
             v = tl.load(VC + slots[:, None] * stride_ct + h * D + dv[None, :], mask=km[:, None], other=0.0)
-            if FP8:  # fp8: dequantize with each slot's scale
-                ks = tl.load(KS + h * stride_sh + slots, mask=km, other=0.0)[:, None]
-                k1, k2 = k1 * ks, k2 * ks
-                v = (v.to(tl.float32) * tl.load(VS + h * stride_sh + slots, mask=km, other=0.0)[:, None]).to(DT)
+            if FP8:  # fp8: each slot's scales multiply its scores and probabilities (rotation is linear)
+                ks = tl.load(KS + h * stride_sh + slots, mask=km, other=0.0)
+                vs = tl.load(VS + h * stride_sh + slots, mask=km, other=0.0)
             if ROPE_DELTA:
                 cb = tl.load(COS + i0 * HALF + dh)[None, :]
                 sb = tl.load(SIN + i0 * HALF + dh)[None, :]
@@ -175,15 +174,17 @@ if HAVE_TRITON:
             else:
                 sc = tl.dot(qr1.to(DT), tl.trans(a1.to(DT)), input_precision=PREC)
                 sc += tl.dot(qr2.to(DT), tl.trans(a2.to(DT)), input_precision=PREC)
+            sc = sc * ks[None, :] if FP8 else sc
             sc = tl.where(km[None, :], sc, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(sc, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(sc - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
+            pw = p * vs[None, :] if FP8 else p
             if ELEMENTWISE:
-                pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+                pv = tl.sum(pw[:, :, None] * v.to(tl.float32)[None, :, :], 1)
             else:
-                pv = tl.dot(p.to(DT), v.to(DT), input_precision=PREC)
+                pv = tl.dot(pw.to(DT), v.to(DT), input_precision=PREC)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
 
@@ -226,14 +227,13 @@ if HAVE_TRITON:
         kp = KC + slots[:, None] * stride_ct + hk * D
         k1 = tl.load(kp + dh[None, :], mask=km[:, None], other=0.0).to(tl.float32)
         k2 = tl.load(kp + HALF + dh[None, :], mask=km[:, None], other=0.0).to(tl.float32)
-        if FP8:  # fp8: dequantize with each slot's scale
-            ks = tl.load(KS + hk * stride_sh + slots, mask=km, other=0.0)[:, None]
-            k1, k2 = k1 * ks, k2 * ks
         ci = tl.load(COS + pos[:, None] * HALF + dh[None, :], mask=km[:, None], other=0.0)
         si = tl.load(SIN + pos[:, None] * HALF + dh[None, :], mask=km[:, None], other=0.0)
         r1, r2 = _rotate(k1, k2, ci, si)
         sc = tl.dot(a1.to(DT), tl.trans(r1.to(DT)), input_precision=PREC)
         sc += tl.dot(a2.to(DT), tl.trans(r2.to(DT)), input_precision=PREC)
+        if FP8:  # fp8: each slot's scales multiply its scores and probabilities (rotation is linear)
+            sc = sc * tl.load(KS + hk * stride_sh + slots, mask=km, other=0.0)[None, :]
         sc = tl.where(vis, sc, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -242,7 +242,7 @@ if HAVE_TRITON:
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(VC + slots[:, None] * stride_ct + hk * D + dv[None, :], mask=km[:, None], other=0.0)
         if FP8:
-            v = v.to(tl.float32) * tl.load(VS + hk * stride_sh + slots, mask=km, other=0.0)[:, None]
+            p = p * tl.load(VS + hk * stride_sh + slots, mask=km, other=0.0)[None, :]
         acc = acc * alpha[:, None] + tl.dot(p.to(DT), v.to(DT), input_precision=PREC)
         return m_new, l_i, acc
 
