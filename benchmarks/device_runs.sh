@@ -7,6 +7,8 @@
 #              threads) while the served turns run                                carry: .devcarry
 #   model PART stash one piece of the SmolLM2 GGUF (split -b 33000000, .devmodel/)  carry: .devmodel/gguf/PART
 #   realmodel  GPU tests and decode latency on SmolLM2-135M-Instruct's real weights (after the pieces)
+#   fp8-tests  the GPU tests, fp8 included (-s: each prints its measured error)              carry: .devcarry
+#   fp8-bench  FP8 KV cache: resident sessions at 4096, batch 32/64 tok/s, auto vs fp8      carry: .devcarry
 set -o pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -60,4 +62,12 @@ realmodel)
   timeout 200 python3 benchmarks/decode_latency.py --shapes smollm2-135m-instruct --sizes 256 1024 4096 \
       --save-as decode_latency_smollm2 2>&1 | tee "$OUT/decode_smollm2.log" | tail -8
   pack realmodel ;;
+fp8-tests)
+  source benchmarks/device_setup.sh || exit 1
+  timeout 540 python3 -m pytest -q --noconftest -p no:cacheprovider tests/test_gpu.py -s 2>&1 \
+      | tee "$OUT/gpu_tests_fp8.log" | tail -4 ;;
+fp8-bench)
+  source benchmarks/device_setup.sh || exit 1
+  timeout 540 python3 benchmarks/fp8_kv.py 2>&1 | tee "$OUT/fp8_kv.log" | tail -5
+  pack fp8 ;;
 esac

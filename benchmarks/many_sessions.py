@@ -17,16 +17,18 @@ import time
 import common as C
 import torch
 
-from swift_engine.engine.cache import ceil_div, running_pages, span_pages
+from swift_engine.engine.cache import ceil_div, page_bytes, running_pages, span_pages
+from swift_engine.engine.kv_fp8 import bytes_per_element
 
 S = 4
 
 
-def sweep(model, L: int, batches: list[int], steps: int, bw: float) -> list[dict]:
+def sweep(model, L: int, batches: list[int], steps: int, bw: float, kv_cache_dtype: str = "auto") -> list[dict]:
     a, wb = model.args, C.weight_bytes(model)
     bmax = max(batches)
     core = C.make_core(model, S, L - S, tokens_capacity=bmax * (L + 64), max_batch_tokens=512,
-                       max_running=bmax)
+                       max_running=bmax, kv_cache_dtype=kv_cache_dtype)
+    elem = bytes_per_element(kv_cache_dtype, model.lm_head.weight.dtype, a.head_dim)
     rows = []
     live = []
     for B in batches:
@@ -40,7 +42,7 @@ def sweep(model, L: int, batches: list[int], steps: int, bw: float) -> list[dict
         bucket = next(b for b in core.runner.gpu.buckets if b >= B)
         graph, _ = core.runner.gpu.graphs[bucket]
         dev = C.cuda_time_ms(graph.replay, reps=10)
-        fl = C.floor_ms(wb, B * C.kv_bytes(a, L), bw)
+        fl = C.floor_ms(wb, B * C.kv_bytes(a, L, elem), bw)
         row = dict(batch=B, step_ms=ms, tok_s=B / ms * 1e3, device_ms=dev, device_tok_s=B / dev * 1e3,
                    floor_ms=fl, floor_tok_s=B / fl * 1e3, bucket=bucket)
         row["of_floor"] = row["tok_s"] / row["floor_tok_s"]
@@ -81,18 +83,21 @@ def hf_batched(model, cfg, L: int, B: int, steps: int) -> dict:
     return dict(batch=B, step_ms=ms, tok_s=B / ms * 1e3)
 
 
-def capacity(model, L: int, short: int, mbt: int, page_size: int = 16) -> dict:
-    """Sessions whose caches fit in the GPU memory left after weights (page pool), full vs short."""
+def capacity(model, L: int, short: int, mbt: int, page_size: int = 16, kv_cache_dtype: str = "auto",
+             free_b: int | None = None) -> dict:
+    """Sessions whose caches fit in the GPU memory left after weights (page pool), full vs short.
+    `free_b`: memory left after the weights (default: measured on this GPU)."""
     a = model.args
-    C.free()
-    free_b, _ = torch.cuda.mem_get_info()
+    if free_b is None:
+        C.free()
+        free_b, _ = torch.cuda.mem_get_info()
     usable = free_b - 4 * 2**30  # activations, graphs, allocator slack
-    page_bytes = C.kv_bytes(a, page_size)
-    pages = usable // page_bytes
+    pb = page_bytes((a.num_layers, a.num_kv_heads, a.head_dim), page_size, model.lm_head.weight.dtype, kv_cache_dtype)
+    pages = usable // pb
     full = span_pages(S, L - S, page_size)
     small = ceil_div(S, page_size) + ceil_div(short - S, page_size)  # never evicted: window starts a page
     running_reserve = running_pages(S, L - S, page_size, mbt)
-    return dict(cache_tokens=L, pool_pages=int(pages), pool_gb=pages * page_bytes / 2**30,
+    return dict(cache_tokens=L, pool_pages=int(pages), pool_gb=pages * pb / 2**30,
                 pages_full_session=full, pages_short_session=small, short_tokens=short,
                 resident_full=int(pages // full), resident_short=int(pages // small),
                 running_full=int(pages // running_reserve))

@@ -29,6 +29,9 @@ class EngineConfig(BaseModel):
     max_prompt_tokens: int = Field(32768, ge=1, description="new tokens one turn may add")
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
+    kv_cache_dtype: Literal["auto", "fp8"] = Field(
+        "auto", description="auto: the cache holds `dtype`; fp8: e4m3 with a float32 scale per token and KV "
+        "head, about half the bytes (engine/kv_fp8.py)")
     load_format: Literal["auto", "dummy"] = Field(
         "auto", description="dummy: random weights of the checkpoint's shape, as vLLM's --load-format "
         "dummy (benchmarks: the arithmetic of real weights without their bytes on disk)")

@@ -6,6 +6,10 @@ logits. float32 on the GPU must match the float32 CPU path to 1e-4 (same arithme
 different summation order). bfloat16 is compared with the float32 CPU path on the same
 (bf16-representable) weights; it must stay within 2x the error of the plain PyTorch path
 run in bfloat16 on the same GPU (the bf16 noise floor), and under 5e-2 absolute.
+FP8 KV cache (kv_cache_dtype fp8): float32 Triton vs float32 CPU torch path, both fp8, within
+2e-3 (same stored values, except where x/scale sits on an e4m3 rounding boundary: Triton's
+division is not correctly rounded); the long stream in bfloat16 with fp8 within 6e-2 of the
+float32 reference (fp8 alone, float32 on the CPU: 3.4e-2 there; bf16 alone: within 2e-2).
 """
 import copy
 import random
@@ -64,9 +68,10 @@ def on(model, device, dtype):
 class Driver:
     """Sessions driven through one cache + runner, a step = {session: chunk}."""
 
-    def __init__(self, model, device, dtype, backend, graphs=True, num_pages=512, mbt=256):
+    def __init__(self, model, device, dtype, backend, graphs=True, num_pages=512, mbt=256, kv_cache_dtype="auto"):
         a = model.args
-        self.cache = SinkWindowCache(S, W, P, num_pages, (a.num_layers, a.num_kv_heads, a.head_dim), device, dtype)
+        self.cache = SinkWindowCache(S, W, P, num_pages, (a.num_layers, a.num_kv_heads, a.head_dim), device, dtype,
+                                     kv_cache_dtype)
         self.runner = ModelRunner(model, self.cache, EngineConfig(max_batch_tokens=mbt, attention_backend=backend,
                                                                  cuda_graphs=graphs))
         self.tables: dict[int, PageTable] = {}
@@ -132,22 +137,38 @@ def test_bf16_gpu_within_bf16_noise_of_cpu_fp32(arch):
     assert got <= max(2 * noise, 1e-2) and got <= 5e-2
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_long_stream_equals_slow_reference(dtype):
+@pytest.mark.parametrize("dtype, kv_cache_dtype, tol", [(torch.float32, "auto", 1e-4), (torch.bfloat16, "auto", 2e-2),
+                                                       (torch.bfloat16, "fp8", 6e-2)])
+def test_long_stream_equals_slow_reference(dtype, kv_cache_dtype, tol):
     """One session far past eviction, decode and chunks mixed, against reference_logits (CPU fp32)."""
     base = cpu_model(CONFIGS["llama-gqa"])
     rnd = random.Random(5)
     ids = [rnd.randrange(512) for _ in range(6 * (S + W))]
     ref = reference_logits(base, ids, S, W)
-    d = Driver(on(base, "cuda", dtype), "cuda", dtype, "triton")
+    d = Driver(on(base, "cuda", dtype), "cuda", dtype, "triton", kv_cache_dtype=kv_cache_dtype)
     got, i = [], 0
     while i < len(ids):
         n = rnd.choice([1, 1, 1, 3, 33, 64, 100])
         got.append(d.step({0: ids[i:i + n]})[0])
         i += n
     err = rel(torch.cat(got), ref)
-    print(f"{dtype}: long stream rel err vs reference {err:.2e}")
-    assert err <= (1e-4 if dtype == torch.float32 else 2e-2)
+    print(f"{dtype}, {kv_cache_dtype} cache: long stream rel err vs reference {err:.2e}")
+    assert err <= tol
+
+
+def test_fp8_triton_equals_fp8_torch_path(arch):
+    """FP8 KV cache: the Triton kernels quantize and dequantize as the torch path does."""
+    base = cpu_model(CONFIGS[arch])
+    steps = script(seed=2)
+    ref = run_script(Driver(base, "cpu", torch.float32, "torch", kv_cache_dtype="fp8"), steps)
+    d = Driver(on(base, "cuda", torch.float32), "cuda", torch.float32, "triton", kv_cache_dtype="fp8")
+    assert d.runner.backend == "triton" and d.cache.k.dtype == torch.float8_e4m3fn
+    got = run_script(d, steps)
+    plain = run_script(Driver(base, "cpu", torch.float32, "torch"), steps)
+    print(f"{arch}: fp8 triton vs fp8 torch {worst_rel(got, ref):.2e}; fp8 vs no fp8 {worst_rel(got, plain):.2e}")
+    assert worst_rel(got, ref) <= 2e-3
+    assert worst_rel(got, plain) > 1e-4  # really stored as fp8
+    assert d.runner.gpu.stats["graph_steps"] > 0 and d.runner.gpu.stats["mixed_steps"] > 0
 
 
 def test_graph_replay_equals_eager():
@@ -213,6 +234,26 @@ def test_engine_uses_triton_and_graphs():
         assert eng.core.runner.gpu.stats["graph_steps"] > 0
     finally:
         eng.shutdown()
+
+
+def test_engine_with_fp8_cache_runs_triton_graphs_and_holds_more_pages():
+    from swift_engine.engine.async_engine import StreamingEngine
+
+    cfg = dict(device="cuda", dtype="bfloat16", sink_tokens=4, window_tokens=124, page_size=16,
+               kv_cache_memory_gb=0.05, max_batch_tokens=128)
+    pages = {}
+    for kv in ("auto", "fp8"):
+        eng = StreamingEngine.random(BASE, EngineConfig(**cfg, kv_cache_dtype=kv))
+        try:
+            assert eng.core.runner.backend == "triton"
+            events = eng.generate_sync("s", prompt_token_ids=list(range(1, 300)),
+                                       sampling=dict(max_tokens=40, ignore_eos=True))
+            assert sum(1 for e in events if e.token_id is not None) == 40
+            assert eng.core.runner.gpu.stats["graph_steps"] > 0
+            pages[kv] = eng.core.cache.num_pages
+        finally:
+            eng.shutdown()
+    assert pages["fp8"] / pages["auto"] >= 1.8  # head_dim 64: 2 x (64 + 4) bytes against 2 x 64 x 2
 
 
 @pytest.mark.parametrize("family, feature", [

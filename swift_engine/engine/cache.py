@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import CapacityError
+from . import kv_fp8
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -28,6 +29,12 @@ def span_pages(sinks: int, window: int, page_size: int) -> int:
 def running_pages(sinks: int, window: int, page_size: int, max_batch_tokens: int) -> int:
     """Pages reserved for a running session: its steady S + W pages, one step's chunk, one spare."""
     return span_pages(sinks, window, page_size) + ceil_div(max_batch_tokens, page_size) + 1
+
+
+def page_bytes(shape: tuple[int, int, int], page_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> float:
+    """Bytes one page of keys and values takes over all layers (fp8: scales included)."""
+    layers, kv_heads, head_dim = shape
+    return 2 * layers * kv_heads * head_dim * page_size * kv_fp8.bytes_per_element(kv_cache_dtype, dtype, head_dim)
 
 
 def slot_of(pages, index: int, page_size: int) -> int:
@@ -83,13 +90,41 @@ class AppendPlan:
 
 class SinkWindowCache:
     def __init__(self, sink_tokens: int, window_tokens: int, page_size: int, num_pages: int,
-                 shape: tuple[int, int, int], device, dtype):
+                 shape: tuple[int, int, int], device, dtype, kv_cache_dtype: str = "auto"):
         self.S, self.W, self.P = sink_tokens, window_tokens, page_size
         layers, kv_heads, head_dim = shape
-        self.k = torch.empty(layers, num_pages * page_size, kv_heads, head_dim, device=device, dtype=dtype)
+        self.dtype = dtype  # what attention computes in; k/v hold e4m3 under kv_cache_dtype "fp8"
+        self.fp8 = kv_cache_dtype == "fp8"
+        store = kv_fp8.FP8 if self.fp8 else dtype
+        self.k = torch.empty(layers, num_pages * page_size, kv_heads, head_dim, device=device, dtype=store)
         self.v = torch.empty_like(self.k)
+        # fp8: one scale per KV head and slot (kv_fp8.py says why), a head's slots contiguous so a
+        # kernel reads a block of keys' scales in one transaction; None otherwise
+        self.k_scale = torch.zeros(layers, kv_heads, num_pages * page_size, device=device,
+                                   dtype=kv_fp8.SCALE_DTYPE) if self.fp8 else None
+        self.v_scale = torch.zeros_like(self.k_scale) if self.fp8 else None
         self.num_pages = num_pages
         self.free: deque[int] = deque(range(num_pages))
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store new tokens' keys/values [n, kv_heads, D] at `slots` (quantized under fp8)."""
+        if not self.fp8:
+            self.k[layer].index_copy_(0, slots, k)
+            self.v[layer].index_copy_(0, slots, v)
+            return
+        for x, cache, scales in ((k, self.k, self.k_scale), (v, self.v, self.v_scale)):
+            q, scale = kv_fp8.quantize(x)  # index_copy_ has no e4m3 kernel on CPU: copy the bytes
+            cache[layer].view(torch.uint8).index_copy_(0, slots, q.view(torch.uint8))
+            scales[layer].index_copy_(1, slots, scale.T)
+
+    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values at `slots`, in the compute dtype."""
+        if not self.fp8:
+            return self.k[layer][slots], self.v[layer][slots]
+        k = self.k[layer].view(torch.uint8)[slots].view(kv_fp8.FP8)
+        v = self.v[layer].view(torch.uint8)[slots].view(kv_fp8.FP8)
+        return (kv_fp8.dequantize(k, self.k_scale[layer][:, slots].T, self.dtype),
+                kv_fp8.dequantize(v, self.v_scale[layer][:, slots].T, self.dtype))
 
     @property
     def steady_pages(self) -> int:

@@ -16,7 +16,7 @@ from ..models.llama import CausalLM
 from ..outputs import SessionSnapshot, Usage
 from ..sampling import Sampler
 from ..tokenizer import ChatTokenizer, IncrementalDetokenizer, StopStringMatcher
-from .cache import SinkWindowCache
+from .cache import SinkWindowCache, page_bytes
 from .cache_fit import fit_cache_to_model
 from .idle import IdleBound
 from .model_runner import ModelRunner
@@ -33,7 +33,8 @@ class EngineCore:
         num_pages = config.num_pages or self._pages_for_memory(config, a)
         self.cache = SinkWindowCache(config.sink_tokens, config.window_tokens, config.page_size, num_pages,
                                      (a.num_layers, a.num_kv_heads, a.head_dim),
-                                     model.lm_head.weight.device, model.lm_head.weight.dtype)
+                                     model.lm_head.weight.device, model.lm_head.weight.dtype,
+                                     config.kv_cache_dtype)
         self.scheduler = Scheduler(self.cache, config.max_batch_tokens, config.max_running)
         if not self.scheduler.can_ever_fit():
             raise CapacityError(f"num_pages={num_pages} cannot hold one session: it needs "
@@ -48,8 +49,8 @@ class EngineCore:
 
     @staticmethod
     def _pages_for_memory(config: EngineConfig, a) -> int:
-        per_page = 2 * a.num_layers * a.num_kv_heads * a.head_dim * config.page_size \
-            * torch.finfo(config.torch_dtype).bits // 8
+        per_page = page_bytes((a.num_layers, a.num_kv_heads, a.head_dim), config.page_size, config.torch_dtype,
+                              config.kv_cache_dtype)
         return max(1, int(config.kv_cache_memory_gb * 2**30 // per_page))
 
     # ---- submission -------------------------------------------------------

@@ -56,7 +56,7 @@ class DecodeAttention:
         r = self.r
         out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
         ta.decode_attention(q, k, v, r.cache.k[layer], r.cache.v[layer], self.bt, self.meta, r.rope, out,
-                            self.params, r.cache.P)
+                            self.params, r.cache.P, r.scales(layer))
         return out
 
 
@@ -68,15 +68,16 @@ class MixedAttention:
 
     def __call__(self, layer, q, k, v):
         r = self.r
-        kc, vc = r.cache.k[layer], r.cache.v[layer]
+        kc, vc, scales = r.cache.k[layer], r.cache.v[layer], r.scales(layer)
         out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
         if self.pre is not None:
             seq, qb, nqb, bt = self.pre
-            ta.kv_write(k, v, kc, vc, self.write_slots)
-            ta.prefill_attention(q, kc, vc, bt, seq, qb, nqb, r.rope, out, r.cache.W, r.cache.P, **r.prefill_cfg)
+            ta.kv_write(k, v, kc, vc, self.write_slots, scales)
+            ta.prefill_attention(q, kc, vc, bt, seq, qb, nqb, r.rope, out, r.cache.W, r.cache.P, **r.prefill_cfg,
+                                 scales=scales)
         if self.dec is not None:
             meta, bt, params = self.dec
-            ta.decode_attention(q, k, v, kc, vc, bt, meta, r.rope, out, params, r.cache.P)
+            ta.decode_attention(q, k, v, kc, vc, bt, meta, r.rope, out, params, r.cache.P, scales)
         return out
 
 
@@ -110,6 +111,11 @@ class GpuRunner:
         self.fused.gemv_cfg["sms"] = self.sms
         for bucket in self.buckets if self.use_graphs else ():
             self._capture(bucket)  # at start, as vLLM does: a bucket's first use mid-serving stalled every session
+
+    def scales(self, layer: int):
+        """The layer's (k_scale, v_scale) for an fp8 cache, else None."""
+        c = self.cache
+        return (c.k_scale[layer], c.v_scale[layer]) if c.fp8 else None
 
     def params_for(self, batch: int, max_keys: int) -> ta.DecodeParams:
         return ta.DecodeParams(batch, self.a.num_kv_heads, max_keys, self.sms, **self.decode_cfg)

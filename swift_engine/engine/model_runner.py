@@ -20,14 +20,16 @@ from .cache import AppendPlan, SinkWindowCache
 logger = logging.getLogger(__name__)
 
 
-def select_backend(requested: str, model: CausalLM, device: torch.device) -> str:
+def select_backend(requested: str, model: CausalLM, device: torch.device, fp8_cache: bool = False) -> str:
     """'auto' -> triton on CUDA when the kernels support the shape, else torch."""
     if requested == "torch":
         return "torch"
-    from ..layers.triton_attention import supported
+    from ..layers.triton_attention import fp8_unsupported, supported
     from ..layers.triton_ops import INTERPRET
 
     why = supported(model.args.head_dim, model.lm_head.weight.dtype)
+    if why is None and fp8_cache:
+        why = fp8_unsupported(device)
     beyond = beyond_llama_block(model.args)
     if why is None and beyond:
         why = f"the fused GPU forward does not implement {model.args.family}'s {', '.join(beyond)}"
@@ -49,7 +51,7 @@ class ModelRunner:
         a = model.args
         self.model, self.cache = model, cache
         self.device = model.lm_head.weight.device
-        self.backend = select_backend(config.attention_backend, model, self.device)
+        self.backend = select_backend(config.attention_backend, model, self.device, cache.fp8)
         positions = cache.S + cache.W + config.max_batch_tokens + 1  # cache positions + one chunk
         self.gpu = None
         if self.backend == "triton":  # float32 tables for the kernels (whole-head rotary only)

@@ -35,7 +35,7 @@ import math
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -50,13 +50,15 @@ class Run:
     mode: str
     cache: int = 0   # C: tokens of context kept (dense: how many tokens to score at most)
     sinks: int = 0   # S (streaming only)
+    kv_cache_dtype: str = "auto"  # window and streaming: the engine's cache (fp8: e4m3)
 
     @property
     def label(self) -> str:
+        kv = "" if self.kv_cache_dtype == "auto" else f", {self.kv_cache_dtype} KV"
         if self.mode == "streaming":
-            return f"streaming {self.sinks}+{self.cache - self.sinks}"
+            return f"streaming {self.sinks}+{self.cache - self.sinks}{kv}"
         if self.mode == "window":
-            return f"window 0+{self.cache}"
+            return f"window 0+{self.cache}{kv}"
         if self.mode == "recompute":
             return f"recompute {self.cache}"
         return f"dense <= {self.cache}"
@@ -188,7 +190,7 @@ def score_recompute(model, ids: list[int], context: int, stride: int = 1, batch:
 
 
 def score_streaming(model, ids: list[int], sinks: int, window: int, chunk: int, device: str | None = None,
-                    progress: bool = False, label: str = "") -> torch.Tensor:
+                    progress: bool = False, label: str = "", kv_cache_dtype: str = "auto") -> torch.Tensor:
     """log p(ids[t] | StreamingLLM cache) through `StreamingEngine.score`, `chunk` tokens per call."""
     from ..config import EngineConfig
     from ..engine.async_engine import StreamingEngine
@@ -198,7 +200,8 @@ def score_streaming(model, ids: list[int], sinks: int, window: int, chunk: int, 
     pages = math.ceil(sinks / page) + math.ceil((window + page - 1) / page) + math.ceil(chunk / page) + 4
     dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[model.lm_head.weight.dtype]
     cfg = EngineConfig(model="in-memory", sink_tokens=sinks, window_tokens=window, page_size=page, num_pages=pages,
-                       max_batch_tokens=max(chunk, 16), max_prompt_tokens=max(chunk, 16), device=device, dtype=dtype)
+                       max_batch_tokens=max(chunk, 16), max_prompt_tokens=max(chunk, 16), device=device, dtype=dtype,
+                       kv_cache_dtype=kv_cache_dtype)
     engine = StreamingEngine(cfg, model=model, tokenizer=None)
     out: list[float] = []
     bar = tqdm(total=len(ids), desc=label or f"streaming {sinks}+{window}", unit="tok", disable=not progress,
@@ -274,7 +277,8 @@ def evaluate(model, ids: list[int], runs: list[Run], chunk: int = 256, recompute
             if recompute_stride > 1:
                 notes.append(f"positions past the first {run.cache} subsampled: every {recompute_stride}th")
         else:
-            lp = score_streaming(model, ids, run.sinks, run.cache - run.sinks, chunk, device, progress, run.label)
+            lp = score_streaming(model, ids, run.sinks, run.cache - run.sinks, chunk, device, progress, run.label,
+                                 run.kv_cache_dtype)
         results.append(RunResult(run, lp, time.perf_counter() - start,
                                  chunk if run.mode in ("window", "streaming") else None, notes,
                                  recompute_stride if run.mode == "recompute" else 1))
@@ -365,6 +369,8 @@ def plot(rows: list[dict], path: Path, title: str, main_sinks: int = 4, training
             style = dict(color=colors[r["mode"]], lw=1.5)
             if r["mode"] == "streaming" and r["sinks"] != main_sinks:  # the sink sweep: thinner, dotted
                 style.update(lw=0.9, ls=":", alpha=0.8, color=plt.cm.viridis(min(r["sinks"], 8) / 9))
+            if r.get("kv_cache_dtype", "auto") != "auto":  # fp8 KV: dashed, beside its model-dtype run
+                style.update(ls="--", color="black", lw=1.0)
             if len(cv["ppl"]) < 4:
                 style["marker"] = "o"
             label = f"{r['label']} ({r['ppl']:.2f})"
@@ -402,7 +408,7 @@ def plot(rows: list[dict], path: Path, title: str, main_sinks: int = 4, training
 
 
 def build_runs(modes: list[str], caches: list[int], sinks: int, sweep: list[int], dense_tokens: int,
-               specs: list[str]) -> list[Run]:
+               specs: list[str], kv_dtypes: tuple[str, ...] = ("auto",)) -> list[Run]:
     runs = [Run.parse(s) for s in specs]
     if "dense" in modes:
         runs.append(Run("dense", dense_tokens))
@@ -412,6 +418,9 @@ def build_runs(modes: list[str], caches: list[int], sinks: int, sweep: list[int]
                 runs.append(Run(m, c, sinks) if m == "streaming" and sinks else Run("window" if m == "streaming" else m, c))
         for s in sweep:
             runs.append(Run("streaming", c, s) if s else Run("window", c))
+    # engine runs once per cache dtype; the others (not the engine) once, by the dedup below
+    runs = [replace(r, kv_cache_dtype=kv) if r.mode in ("window", "streaming") else r
+            for r in runs for kv in kv_dtypes]
     seen, out = set(), []
     for r in runs:
         if r.mode == "streaming" and r.sinks >= r.cache:
@@ -445,6 +454,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--bucket", type=int, default=1000, help="tokens per point of the curve")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    ap.add_argument("--kv-cache-dtype", nargs="+", default=["auto"], choices=["auto", "fp8"],
+                    help="engine runs (window, streaming) once per cache dtype: 'auto fp8' compares FP8 KV")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/quality"))
     ap.add_argument("--name", default="ppl", help="file stem of the JSON and PNG")
@@ -471,7 +482,8 @@ def main(argv: list[str] | None = None) -> dict:
         ids = [tok.hf.bos_token_id] + ids
     ids = ids[: args.max_tokens]
     train_len = int(read_config(model_dir).get("max_position_embeddings") or 2048)
-    runs = build_runs(args.modes, args.cache, args.sinks, args.sink_sweep, args.dense_tokens or train_len, args.specs)
+    runs = build_runs(args.modes, args.cache, args.sinks, args.sink_sweep, args.dense_tokens or train_len, args.specs,
+                      tuple(args.kv_cache_dtype))
     print(f"{model_dir.name}: {len(ids)} tokens of {args.text.name}; runs: {', '.join(r.label for r in runs)}",
           file=sys.stderr)
     results = evaluate(model, ids, runs, args.chunk, args.recompute_stride, args.recompute_batch, args.device,

@@ -75,26 +75,26 @@ class TorchSinkWindowAttention:
         self.scale, self.softcap = scale, softcap  # the model's score scale and Gemma's tanh soft-capping
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        kc, vc = self.cache.k[layer], self.cache.v[layer]
-        kc.index_copy_(0, self.write_slots, k)
-        vc.index_copy_(0, self.write_slots, v)
+        self.cache.write(layer, self.write_slots, k, v)
         out = torch.empty_like(q)
         for s in self.seqs:
-            out[s.start:s.end] = self._one(q[s.start:s.end], kc, vc, s)
+            out[s.start:s.end] = self._one(q[s.start:s.end], layer, s)
         return out
 
-    def _one(self, q, kc, vc, s: SeqAttention) -> torch.Tensor:
+    def _one(self, q, layer: int, s: SeqAttention) -> torch.Tensor:
         c, hq, d = q.shape
-        hkv = kc.shape[1]
+        ks, vs = self.cache.read(layer, s.sink_slots)
+        kw, vw = self.cache.read(layer, s.window_slots)
+        hkv = ks.shape[1]
         rot = self.rope.rotate
         qs = rot(q, s.q_sink_pos).view(c, hkv, hq // hkv, d)
         qw = rot(q, s.q_window_pos).view(c, hkv, hq // hkv, d)
-        ks = rot(kc[s.sink_slots], s.sink_slot_pos)
-        kw = rot(kc[s.window_slots], s.window_slot_pos)
+        ks = rot(ks, s.sink_slot_pos)
+        kw = rot(kw, s.window_slot_pos)
         scores = torch.cat([torch.einsum("chgd,khd->hgck", qs, ks),
                             torch.einsum("chgd,khd->hgck", qw, kw)], dim=-1).float()
         mask = torch.cat([s.sink_mask, s.window_mask], dim=-1)
         scores = soft_cap(scores * self.scale, self.softcap).masked_fill(~mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(q.dtype)
-        values = torch.cat([vc[s.sink_slots], vc[s.window_slots]], dim=0)
+        values = torch.cat([vs, vw], dim=0)
         return torch.einsum("hgck,khd->chgd", probs, values).reshape(c, hq, d)

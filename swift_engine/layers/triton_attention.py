@@ -48,28 +48,46 @@ def supported(head_dim: int, dtype: torch.dtype) -> str | None:
     return None
 
 
+def fp8_unsupported(device) -> str | None:
+    """None if the kernels can read and write an e4m3 cache on `device`, else why not."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        return "kv_cache_dtype fp8 (Triton's e4m3 needs compute capability 8.9+)"
+    return None
+
+
 if HAVE_TRITON:
 
     @triton.jit
     def _rotate(x1, x2, c, s):
         return x1 * c - x2 * s, x2 * c + x1 * s
 
+    # fp8 (engine/kv_fp8.py): a token's largest |value| maps to 448, the largest finite e4m3
+    @triton.jit
+    def _fp8_scale(amax):
+        return amax / 448.0
+
+    @triton.jit
+    def _fp8_quant(x, scale):
+        safe = tl.where(scale > 0, scale, 1.0)
+        return tl.clamp(x / safe, -448.0, 448.0).to(tl.float8e4nv)
+
     # lengths and split counts change from step to step: not specialized on (Triton would compile a
     # variant for values of 1 and multiples of 16, mid-serving, on the engine thread)
     @triton.jit(do_not_specialize=["split_size", "num_splits"])
     def _decode_kernel(
-        Q, KN, VN, KC, VC, BT, META, COS, SIN, OUT, OPART, LSE,
+        Q, KN, VN, KC, VC, KS, VS, BT, META, COS, SIN, OUT, OPART, LSE,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-        stride_ct, stride_bt, stride_meta, stride_ot, stride_oh,
+        stride_ct, stride_sh, stride_bt, stride_meta, stride_ot, stride_oh,
         split_size, num_splits, num_q_heads, sm_scale,
         G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
         P: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr,
-        ROPE_DELTA: tl.constexpr, PREC: tl.constexpr, ELEMENTWISE: tl.constexpr,
+        ROPE_DELTA: tl.constexpr, PREC: tl.constexpr, ELEMENTWISE: tl.constexpr, FP8: tl.constexpr,
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)
         sp = tl.program_id(2)
-        DT = KC.dtype.element_ty
+        DT = Q.dtype.element_ty  # compute dtype (the cache's, unless it holds fp8)
         mrow = META + b * stride_meta
         n_vis = tl.load(mrow + 0)
         ns = tl.load(mrow + 1)
@@ -102,16 +120,27 @@ if HAVE_TRITON:
         kn1r = tl.load(knp + dh)
         kn2r = tl.load(knp + HALF + dh)
         vnr = tl.load(VN + row * stride_vt + h * stride_vh + dv)
-        kr1, kr2 = _rotate(kn1r.to(tl.float32), kn2r.to(tl.float32), c, s)
+        kn1, kn2, vn = kn1r.to(tl.float32), kn2r.to(tl.float32), vnr.to(tl.float32)
+        CT = KC.dtype.element_ty
+        if FP8:  # fp8: store e4m3 + scale; the token attends to itself as stored (as the torch path)
+            ksc = _fp8_scale(tl.maximum(tl.max(tl.abs(kn1), 0), tl.max(tl.abs(kn2), 0)))
+            vsc = _fp8_scale(tl.max(tl.abs(vn), 0))
+            kq1, kq2, vq = _fp8_quant(kn1, ksc), _fp8_quant(kn2, ksc), _fp8_quant(vn, vsc)
+            kn1, kn2, vn = kq1.to(tl.float32) * ksc, kq2.to(tl.float32) * ksc, vq.to(tl.float32) * vsc
+            tl.store(KS + h * stride_sh + slot, ksc, mask=has_new)
+            tl.store(VS + h * stride_sh + slot, vsc, mask=has_new)
+        else:
+            kq1, kq2, vq = kn1r.to(CT), kn2r.to(CT), vnr.to(CT)
+        kr1, kr2 = _rotate(kn1, kn2, c, s)
         s_new = tl.sum(qr1 * kr1[None, :] + qr2 * kr2[None, :], axis=1)
         take = tl.where(has_new, 1.0, 0.0)
         m_i = tl.where(has_new, s_new, float("-inf"))
         l_i = tl.zeros([BLOCK_G], dtype=tl.float32) + take
-        acc = tl.zeros([BLOCK_G, D], dtype=tl.float32) + take * vnr.to(tl.float32)[None, :]
+        acc = tl.zeros([BLOCK_G, D], dtype=tl.float32) + take * vn[None, :]
         cp = KC + slot * stride_ct + h * D
-        tl.store(cp + dh, kn1r.to(DT), mask=has_new & (dh < HALF))
-        tl.store(cp + HALF + dh, kn2r.to(DT), mask=has_new & (dh < HALF))
-        tl.store(VC + slot * stride_ct + h * D + dv, vnr.to(DT), mask=has_new & (dv < D))
+        tl.store(cp + dh, kq1, mask=has_new & (dh < HALF))
+        tl.store(cp + HALF + dh, kq2, mask=has_new & (dh < HALF))
+        tl.store(VC + slot * stride_ct + h * D + dv, vq, mask=has_new & (dv < D))
 
         if ROPE_DELTA:  # cos/sin of block offsets 0..BLOCK_N-1, kept in registers
             jn = tl.arange(0, BLOCK_N)
@@ -130,6 +159,9 @@ if HAVE_TRITON:
             k1 = tl.load(kp + dh[None, :], mask=km[:, None], other=0.0).to(tl.float32)
             k2 = tl.load(kp + HALF + dh[None, :], mask=km[:, None], other=0.0).to(tl.float32)
             v = tl.load(VC + slots[:, None] * stride_ct + h * D + dv[None, :], mask=km[:, None], other=0.0)
+            if FP8:  # fp8: each slot's scales multiply its scores and probabilities (rotation is linear)
+                ks = tl.load(KS + h * stride_sh + slots, mask=km, other=0.0)
+                vs = tl.load(VS + h * stride_sh + slots, mask=km, other=0.0)
             if ROPE_DELTA:
                 cb = tl.load(COS + i0 * HALF + dh)[None, :]
                 sb = tl.load(SIN + i0 * HALF + dh)[None, :]
@@ -144,15 +176,17 @@ if HAVE_TRITON:
             else:
                 sc = tl.dot(qr1.to(DT), tl.trans(a1.to(DT)), input_precision=PREC)
                 sc += tl.dot(qr2.to(DT), tl.trans(a2.to(DT)), input_precision=PREC)
+            sc = sc * ks[None, :] if FP8 else sc
             sc = tl.where(km[None, :], sc, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(sc, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(sc - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
+            pw = p * vs[None, :] if FP8 else p
             if ELEMENTWISE:
-                pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+                pv = tl.sum(pw[:, :, None] * v.to(tl.float32)[None, :, :], 1)
             else:
-                pv = tl.dot(p.to(DT), v.to(DT), input_precision=PREC)
+                pv = tl.dot(pw.to(DT), v.to(DT), input_precision=PREC)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
 
@@ -187,9 +221,9 @@ if HAVE_TRITON:
         tl.store(OUT + row * stride_ot + hq * stride_oh + dv, out.to(OUT.dtype.element_ty))
 
     @triton.jit
-    def _attend_block(a1, a2, m_i, l_i, acc, KC, VC, slots, pos, km, vis, COS, SIN, stride_ct, hk,
-                      D: tl.constexpr, HALF: tl.constexpr, PREC: tl.constexpr):
-        DT = KC.dtype.element_ty
+    def _attend_block(a1, a2, m_i, l_i, acc, KC, VC, KS, VS, slots, pos, km, vis, COS, SIN, stride_ct, stride_sh,
+                      hk, DT: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, PREC: tl.constexpr,
+                      FP8: tl.constexpr):
         dh = tl.arange(0, HALF)
         dv = tl.arange(0, D)
         kp = KC + slots[:, None] * stride_ct + hk * D
@@ -200,6 +234,8 @@ if HAVE_TRITON:
         r1, r2 = _rotate(k1, k2, ci, si)
         sc = tl.dot(a1.to(DT), tl.trans(r1.to(DT)), input_precision=PREC)
         sc += tl.dot(a2.to(DT), tl.trans(r2.to(DT)), input_precision=PREC)
+        if FP8:  # fp8: each slot's scales multiply its scores and probabilities (rotation is linear)
+            sc = sc * tl.load(KS + hk * stride_sh + slots, mask=km, other=0.0)[None, :]
         sc = tl.where(vis, sc, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -207,16 +243,18 @@ if HAVE_TRITON:
         p = tl.exp2(sc - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(VC + slots[:, None] * stride_ct + hk * D + dv[None, :], mask=km[:, None], other=0.0)
+        if FP8:
+            p = p * tl.load(VS + hk * stride_sh + slots, mask=km, other=0.0)[None, :]
         acc = acc * alpha[:, None] + tl.dot(p.to(DT), v.to(DT), input_precision=PREC)
         return m_new, l_i, acc
 
     @triton.jit
     def _prefill_kernel(
-        Q, KC, VC, BT, SEQ, QB, COS, SIN, OUT,
-        stride_qt, stride_qh, stride_ct, stride_bt, stride_ot, stride_oh,
+        Q, KC, VC, KS, VS, BT, SEQ, QB, COS, SIN, OUT,
+        stride_qt, stride_qh, stride_ct, stride_sh, stride_bt, stride_ot, stride_oh,
         sm_scale, W,
         G: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, P: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEQ_W: tl.constexpr, PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEQ_W: tl.constexpr, PREC: tl.constexpr, FP8: tl.constexpr,
     ):
         qb = tl.program_id(0)
         hq = tl.program_id(1)
@@ -266,8 +304,8 @@ if HAVE_TRITON:
             page = tl.load(btr + kk // P, mask=km, other=0)
             slots = page.to(tl.int64) * P + kk % P
             vis = rm[:, None] & km[None, :] & ((~is_sink[:, None]) | (kk[None, :] <= sink_index[:, None]))
-            m_i, l_i, acc = _attend_block(a1, a2, m_i, l_i, acc, KC, VC, slots, kk, km, vis, COS, SIN,
-                                          stride_ct, hk, D, HALF, PREC)
+            m_i, l_i, acc = _attend_block(a1, a2, m_i, l_i, acc, KC, VC, KS, VS, slots, kk, km, vis, COS, SIN,
+                                          stride_ct, stride_sh, hk, Q.dtype.element_ty, D, HALF, PREC, FP8)
 
         # window: query and keys at their window index (only the distance matters)
         c = tl.load(COS + q_win_pos[:, None] * HALF + dh[None, :])
@@ -290,16 +328,16 @@ if HAVE_TRITON:
             slots = page.to(tl.int64) * P + logical % P
             vis = (rm & (~is_sink))[:, None] & km[None, :] \
                 & (kk[None, :] <= u[:, None]) & (kk[None, :] > u[:, None] - W)
-            m_i, l_i, acc = _attend_block(a1, a2, m_i, l_i, acc, KC, VC, slots, kk, km, vis, COS, SIN,
-                                          stride_ct, hk, D, HALF, PREC)
+            m_i, l_i, acc = _attend_block(a1, a2, m_i, l_i, acc, KC, VC, KS, VS, slots, kk, km, vis, COS, SIN,
+                                          stride_ct, stride_sh, hk, Q.dtype.element_ty, D, HALF, PREC, FP8)
 
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         op = OUT + rows[:, None] * stride_ot + hq * stride_oh + dv[None, :]
         tl.store(op, o.to(OUT.dtype.element_ty), mask=rm[:, None])
 
     @triton.jit
-    def _kv_write_kernel(K, V, KC, VC, SLOTS, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct,
-                         D: tl.constexpr):
+    def _kv_write_kernel(K, V, KC, VC, KS, VS, SLOTS, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct,
+                         stride_sh, D: tl.constexpr, FP8: tl.constexpr):
         t = tl.program_id(0)
         h = tl.program_id(1)
         slot = tl.load(SLOTS + t).to(tl.int64)
@@ -307,6 +345,12 @@ if HAVE_TRITON:
         m = (d < D) & (slot >= 0)
         k = tl.load(K + t * stride_kt + h * stride_kh + d)
         v = tl.load(V + t * stride_vt + h * stride_vh + d)
+        if FP8:  # fp8: quantize with the token's own scale
+            k, v = k.to(tl.float32), v.to(tl.float32)
+            ksc, vsc = _fp8_scale(tl.max(tl.abs(k), 0)), _fp8_scale(tl.max(tl.abs(v), 0))
+            k, v = _fp8_quant(k, ksc), _fp8_quant(v, vsc)
+            tl.store(KS + h * stride_sh + slot, ksc, mask=slot >= 0)
+            tl.store(VS + h * stride_sh + slot, vsc, mask=slot >= 0)
         tl.store(KC + slot * stride_ct + h * D + d, k.to(KC.dtype.element_ty), mask=m)
         tl.store(VC + slot * stride_ct + h * D + d, v.to(VC.dtype.element_ty), mask=m)
 
@@ -340,8 +384,9 @@ class DecodeParams:
 
 
 def decode_attention(q, k, v, kc, vc, block_table, meta, rope: RotaryTable, out, params: DecodeParams,
-                     page_size: int):
-    """Attention of B single-token queries (rows given by their "row" field); writes `out` rows and the cache."""
+                     page_size: int, scales=None):
+    """Attention of B single-token queries (rows given by their "row" field); writes `out` rows and the cache.
+    `scales`: the layer's (k_scale, v_scale) [kv_heads, slots] when kc/vc hold fp8."""
     B, hkv = meta.shape[0], kc.shape[1]
     hq, d = q.shape[1], q.shape[2]
     g = hq // hkv
@@ -353,13 +398,15 @@ def decode_attention(q, k, v, kc, vc, block_table, meta, rope: RotaryTable, out,
     else:
         opart = torch.empty(B * hq * ns * d, device=q.device, dtype=torch.float32)
         lse = torch.empty(B * hq * ns, device=q.device, dtype=torch.float32)
+    ks, vs = scales or (kc, vc)  # unread without fp8
     _decode_kernel[(B, hkv, ns)](
-        q, k, v, kc, vc, block_table, meta, rope.cos, rope.sin, out, opart, lse,
+        q, k, v, kc, vc, ks, vs, block_table, meta, rope.cos, rope.sin, out, opart, lse,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        kc.stride(0), block_table.stride(0), meta.stride(0), out.stride(0), out.stride(1),
+        kc.stride(0), ks.stride(0), block_table.stride(0), meta.stride(0), out.stride(0), out.stride(1),
         params.split_size, ns, hq, d ** -0.5 * LOG2E,
         G=g, BLOCK_G=pow2(g) if ew else max(16, pow2(g)), D=d, HALF=d // 2, P=page_size,
-        BLOCK_N=params.block_n, DIRECT=direct, ROPE_DELTA=params.rope_delta, PREC=_prec(kc.dtype), ELEMENTWISE=ew,
+        BLOCK_N=params.block_n, DIRECT=direct, ROPE_DELTA=params.rope_delta, PREC=_prec(q.dtype), ELEMENTWISE=ew,
+        FP8=scales is not None,
         num_warps=params.num_warps, num_stages=params.num_stages)
     if not direct:
         _combine_kernel[(B, hq)](opart, lse, meta, out, meta.stride(0), out.stride(0), out.stride(1), ns, hq,
@@ -368,22 +415,24 @@ def decode_attention(q, k, v, kc, vc, block_table, meta, rope: RotaryTable, out,
 
 def prefill_attention(q, kc, vc, block_table, seq_meta, qblocks, n_qblocks: int, rope: RotaryTable, out,
                       window: int, page_size: int, block_m: int = 64, block_n: int = 64,
-                      num_warps: int = 4, num_stages: int = 2):
+                      num_warps: int = 4, num_stages: int = 2, scales=None):
     hq, d = q.shape[1], q.shape[2]
     g = hq // kc.shape[1]
     if n_qblocks == 0:
         return
+    ks, vs = scales or (kc, vc)  # unread without fp8
     _prefill_kernel[(n_qblocks, hq)](
-        q, kc, vc, block_table, seq_meta, qblocks, rope.cos, rope.sin, out,
-        q.stride(0), q.stride(1), kc.stride(0), block_table.stride(0), out.stride(0), out.stride(1),
+        q, kc, vc, ks, vs, block_table, seq_meta, qblocks, rope.cos, rope.sin, out,
+        q.stride(0), q.stride(1), kc.stride(0), ks.stride(0), block_table.stride(0), out.stride(0), out.stride(1),
         d ** -0.5 * LOG2E, window,
         G=g, D=d, HALF=d // 2, P=page_size, BLOCK_M=block_m, BLOCK_N=block_n, SEQ_W=SEQ_W,
-        PREC=_prec(kc.dtype), num_warps=num_warps, num_stages=num_stages)
+        PREC=_prec(q.dtype), FP8=scales is not None, num_warps=num_warps, num_stages=num_stages)
 
 
-def kv_write(k, v, kc, vc, slots):
-    """Rows with slot < 0 are skipped."""
+def kv_write(k, v, kc, vc, slots, scales=None):
+    """Rows with slot < 0 are skipped. `scales` as in decode_attention."""
     t, hkv, d = k.shape
+    ks, vs = scales or (kc, vc)  # unread without fp8
     if t:
-        _kv_write_kernel[(t, hkv)](k, v, kc, vc, slots, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                                   kc.stride(0), D=d, num_warps=1)
+        _kv_write_kernel[(t, hkv)](k, v, kc, vc, ks, vs, slots, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                                   kc.stride(0), ks.stride(0), D=d, FP8=scales is not None, num_warps=1)
