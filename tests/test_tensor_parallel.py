@@ -1,0 +1,117 @@
+"""Tensor parallelism on the CPU (gloo): an engine split over 2 and 4 ranks (local processes) gives
+the single-rank engine's log-probs to 1e-5 in float32 and the same greedy tokens: chunked prefill,
+decode, eviction past S + W, restore from a snapshot, several sessions batched in one step.
+
+The checkpoint is the tiny model with a vocabulary of 262 rows (4 does not divide it: the
+vocab shards are padded) and 2 KV heads (TP = 4 replicates them). One engine per TP size
+serves every case (spawning ranks costs seconds on 2 cores).
+"""
+import asyncio
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from swift_engine import EngineConfig, StreamingEngine, UnsupportedModelError
+from swift_engine.engine.tp_worker import spawn_workers
+from swift_engine.models.random_init import random_model
+from swift_engine.models.tiny import TINY_CONFIG, build_byte_tokenizer
+
+TOL = 1e-5
+CONFIG = {**TINY_CONFIG, "vocab_size": 262}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tp-tiny")
+    (path / "config.json").write_text(json.dumps(CONFIG))
+    model = random_model(CONFIG, seed=3)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
+    build_byte_tokenizer().save_pretrained(str(path))
+    return path
+
+
+def engine(checkpoint, tp: int, **kw) -> StreamingEngine:
+    cfg = EngineConfig(model=str(checkpoint), dtype="float32", sink_tokens=4, window_tokens=28, page_size=8,
+                       num_pages=64, max_batch_tokens=16, tensor_parallel_size=tp, **kw)
+    return StreamingEngine(cfg, progress=False)
+
+
+def ids(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+GREEDY = dict(temperature=0.0, max_tokens=10, ignore_eos=True, top_logprobs=3)
+
+
+async def scenario(e: StreamingEngine) -> dict:
+    """Every case on one engine; returns the numbers to compare across TP sizes."""
+    out = {"prefill": await e.score("a", ids(20, 1)),              # before eviction (S + W = 32)
+           "evicted": await e.score("a", ids(70, 2))}              # chunks of 16, evicting as they go
+
+    async def turn(sid: str, prompt: list[int]) -> list:
+        return [(ev.token_id, ev.logprob, ev.top_logprobs)
+                async for ev in e.generate(sid, prompt_token_ids=prompt, sampling=GREEDY)]
+    # several sessions decoding in the same steps, one of them past S + W
+    out["decode"] = await asyncio.gather(turn("b", ids(9, 3)), turn("c", ids(40, 4)), turn("a", ids(3, 5)))
+    await e.restore("a", e.snapshot("a"))  # dropped, then re-prefilled from its sinks + tail
+    out["restored"] = await turn("a", ids(5, 6))
+    return out
+
+
+def flat(x) -> list:
+    """Numbers in order (token ids as floats too)."""
+    if isinstance(x, (list, tuple)):
+        return [v for item in x for v in flat(item)]
+    return [] if x is None else [float(x)]
+
+
+@pytest.fixture(scope="module")
+def single(checkpoint):
+    e = engine(checkpoint, 1)
+    try:
+        yield asyncio.run(scenario(e))
+    finally:
+        e.shutdown()
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tensor_parallel_equals_one_rank(checkpoint, single, tp):
+    e = engine(checkpoint, tp)
+    try:
+        assert e.is_alive() and e.core.cache.k.shape[2] == max(CONFIG["num_key_value_heads"] // tp, 1)
+        got = asyncio.run(scenario(e))
+    finally:
+        e.shutdown()
+    assert not e.is_alive()
+    for case in single:
+        ref, mine = flat(single[case]), flat(got[case])
+        assert len(ref) == len(mine) and ref, case
+        worst = max(abs(a - b) for a, b in zip(ref, mine))
+        assert worst <= TOL, f"{case}: TP={tp} differs from TP=1 by {worst:.2e}"
+    tokens = [[t for t, _, _ in turn] for turn in got["decode"]]
+    assert tokens == [[t for t, _, _ in turn] for turn in single["decode"]]
+
+
+def test_a_split_the_model_does_not_allow_is_refused_naming_the_field(checkpoint):
+    with pytest.raises(UnsupportedModelError, match="tensor_parallel_size: 3 does not divide"):
+        engine(checkpoint, 3, device="cpu")
+
+
+def test_a_dead_rank_fails_the_engine(checkpoint):
+    """Failure of any rank fails the replica as a whole (health check): sessions fail over."""
+    workers = []
+
+    def start(config, address):
+        workers.append(spawn_workers(config, address))
+        return workers[-1]
+    e = StreamingEngine(EngineConfig(model=str(checkpoint), sink_tokens=4, window_tokens=28, num_pages=64,
+                                     tensor_parallel_size=2), progress=False, start_workers=start)
+    try:
+        assert e.is_alive()
+        workers[0].procs[0].kill()
+        workers[0].procs[0].join(timeout=30)
+        assert not e.is_alive()
+    finally:
+        e.shutdown()
