@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import save_file
 
 from swift_engine import EngineConfig, StreamingEngine, UnsupportedModelError
-from swift_engine.engine.tp_worker import spawn_workers
 from swift_engine.models.random_init import random_model
 from swift_engine.models.tiny import TINY_CONFIG, build_byte_tokenizer
 
@@ -82,9 +81,13 @@ def test_tensor_parallel_equals_one_rank(checkpoint, single, tp):
     try:
         assert e.is_alive() and e.core.cache.k.shape[2] == max(CONFIG["num_key_value_heads"] // tp, 1)
         got = asyncio.run(scenario(e))
+        # failure of any rank fails the engine as a whole (the replica's health check): sessions fail over
+        rank = e.tp_group.workers.procs[-1]
+        rank.kill()
+        rank.join(timeout=30)
+        assert not e.is_alive()
     finally:
         e.shutdown()
-    assert not e.is_alive()
     for case in single:
         ref, mine = flat(single[case]), flat(got[case])
         assert len(ref) == len(mine) and ref, case
@@ -97,21 +100,3 @@ def test_tensor_parallel_equals_one_rank(checkpoint, single, tp):
 def test_a_split_the_model_does_not_allow_is_refused_naming_the_field(checkpoint):
     with pytest.raises(UnsupportedModelError, match="tensor_parallel_size: 3 does not divide"):
         engine(checkpoint, 3, device="cpu")
-
-
-def test_a_dead_rank_fails_the_engine(checkpoint):
-    """Failure of any rank fails the replica as a whole (health check): sessions fail over."""
-    workers = []
-
-    def start(config, address):
-        workers.append(spawn_workers(config, address))
-        return workers[-1]
-    e = StreamingEngine(EngineConfig(model=str(checkpoint), sink_tokens=4, window_tokens=28, num_pages=64,
-                                     tensor_parallel_size=2), progress=False, start_workers=start)
-    try:
-        assert e.is_alive()
-        workers[0].procs[0].kill()
-        workers[0].procs[0].join(timeout=30)
-        assert not e.is_alive()
-    finally:
-        e.shutdown()

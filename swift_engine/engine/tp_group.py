@@ -75,15 +75,15 @@ class TensorParallelGroup:
         """Rank 0: tell the other ranks to stop (None step), then leave the group."""
         if self.closed:
             return
-        self.closed = True
         if self.rank == 0 and self.alive():
             try:
                 self.send_step(None)
             except RuntimeError:  # a rank is gone already: nothing left to tell
                 pass
+        self.closed = True
+        dist.destroy_process_group()  # before waiting for the others: their own leaving waits on ours
         if self.workers is not None:
             self.workers.stop()
-        dist.destroy_process_group()
 
 
 class StepBroadcaster:
