@@ -21,18 +21,23 @@ TOL = 1e-5
 CONFIG = {**TINY_CONFIG, "vocab_size": 262}
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tp-tiny")
-    (path / "config.json").write_text(json.dumps(CONFIG))
-    model = random_model(CONFIG, seed=3)
+def write_checkpoint(path, config: dict):
+    """A checkpoint of `config` with random weights and the byte tokenizer (ids 0..260)."""
+    (path / "config.json").write_text(json.dumps(config))
+    model = random_model(config, seed=3)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
     build_byte_tokenizer().save_pretrained(str(path))
     return path
 
 
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("tp-tiny"), CONFIG)
+
+
 def engine(checkpoint, tp: int, **kw) -> StreamingEngine:
-    cfg = EngineConfig(model=str(checkpoint), dtype="float32", sink_tokens=4, window_tokens=28, page_size=8,
+    kw = {"dtype": "float32", **kw}
+    cfg = EngineConfig(model=str(checkpoint), sink_tokens=4, window_tokens=28, page_size=8,
                        num_pages=64, max_batch_tokens=16, tensor_parallel_size=tp, **kw)
     return StreamingEngine(cfg, progress=False)
 
