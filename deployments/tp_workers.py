@@ -28,8 +28,8 @@ class RayWorkers:
         done, _ = ray.wait(self.runs, num_returns=1, timeout=0)
         return not done  # a rank's run ends only when it is told to stop, or fails
 
-    def stop(self) -> None:
-        ray.wait(self.runs, num_returns=len(self.runs), timeout=30)
+    def stop(self, wait_s: float) -> None:
+        ray.wait(self.runs, num_returns=len(self.runs), timeout=wait_s)
         for actor in self.actors:
             ray.kill(actor)
 

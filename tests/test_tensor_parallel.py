@@ -38,7 +38,7 @@ def checkpoint(tmp_path_factory):
 def engine(checkpoint, tp: int, **kw) -> StreamingEngine:
     kw = {"dtype": "float32", **kw}
     cfg = EngineConfig(model=str(checkpoint), sink_tokens=4, window_tokens=28, page_size=8,
-                       num_pages=64, max_batch_tokens=16, tensor_parallel_size=tp, **kw)
+                       num_pages=64, max_batch_tokens=32, tensor_parallel_size=tp, **kw)
     return StreamingEngine(cfg, progress=False)
 
 
@@ -46,13 +46,13 @@ def ids(n: int, seed: int) -> list[int]:
     return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-GREEDY = dict(temperature=0.0, max_tokens=10, ignore_eos=True, top_logprobs=3)
+GREEDY = dict(temperature=0.0, max_tokens=6, ignore_eos=True, top_logprobs=3)
 
 
 async def scenario(e: StreamingEngine) -> dict:
     """Every case on one engine; returns the numbers to compare across TP sizes."""
     out = {"prefill": await e.score("a", ids(20, 1)),              # before eviction (S + W = 32)
-           "evicted": await e.score("a", ids(70, 2))}              # chunks of 16, evicting as they go
+           "evicted": await e.score("a", ids(70, 2))}              # chunks of 32 > W, evicting as they go
 
     async def turn(sid: str, prompt: list[int]) -> list:
         return [(ev.token_id, ev.logprob, ev.top_logprobs)

@@ -39,20 +39,19 @@ class StreamingEngine:
                  progress: bool = True, start_workers: StartWorkers | None = None):
         """tensor_parallel_size > 1: ranks 1..N-1 start through `start_workers` (default: local
         processes, tp_worker.spawn_workers); this process is rank 0."""
-        if model is None:
-            group = start_rank0(config, start_workers) if config.tensor_parallel_size > 1 else None
-            try:
-                model = load_engine_model(config, progress, group)
-            except BaseException:
-                if group is not None:
-                    group.close()
-                raise
-            tokenizer = ChatTokenizer(resolve_model_dir(config.model))
-        self.tp_group = getattr(model, "tp_group", None)
-        if (self.tp_group.size if self.tp_group else 1) != config.tensor_parallel_size:
-            raise InvalidRequestError(f"tensor_parallel_size: {config.tensor_parallel_size}, but the model "
-                                      "given is not split that many ways (pass model=None to load it split)")
-        self.core = EngineCore(config, model, tokenizer)
+        if model is not None and config.tensor_parallel_size > 1:
+            raise InvalidRequestError("tensor_parallel_size: a tensor-parallel engine loads its model on every "
+                                      "rank itself (pass model=None)")
+        self.tp_group = start_rank0(config, start_workers) if config.tensor_parallel_size > 1 else None
+        try:
+            if model is None:
+                model = load_engine_model(config, progress, self.tp_group)
+                tokenizer = ChatTokenizer(resolve_model_dir(config.model))
+            self.core = EngineCore(config, model, tokenizer)
+        except BaseException:  # the other ranks are waiting for steps: tell them to stop
+            if self.tp_group is not None:
+                self.tp_group.close()
+            raise
         self.config = self.core.config  # S + W fitted to the model
         self.tokenizer = tokenizer
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()

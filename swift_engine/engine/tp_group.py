@@ -24,7 +24,8 @@ class Workers(Protocol):
 
     def alive(self) -> bool: ...
 
-    def stop(self) -> None: ...
+    def stop(self, wait_s: float) -> None:
+        """Wait up to wait_s for the ranks to end (told to stop), then end those left."""
 
 
 def free_address() -> str:
@@ -75,15 +76,17 @@ class TensorParallelGroup:
         """Rank 0: tell the other ranks to stop (None step), then leave the group."""
         if self.closed:
             return
+        told = False
         if self.rank == 0 and self.alive():
             try:
                 self.send_step(None)
-            except RuntimeError:  # a rank is gone already: nothing left to tell
+                told = True
+            except RuntimeError:  # a rank is gone already
                 pass
         self.closed = True
         dist.destroy_process_group()  # before waiting for the others: their own leaving waits on ours
-        if self.workers is not None:
-            self.workers.stop()
+        if self.workers is not None:  # ranks not told wait for a step forever: end them now
+            self.workers.stop(wait_s=30 if told else 0)
 
 
 class StepBroadcaster:
