@@ -2,8 +2,8 @@
 the real openai client over HTTP): it answers a conversation exactly as a one-rank engine does."""
 import openai
 import pytest
+import ray
 from ray import serve
-from ray.util.state import list_actors
 
 from deployments.app import compose_app
 from swift_engine import EngineConfig, StreamingEngine
@@ -50,5 +50,5 @@ def test_a_tp2_replica_answers_as_one_rank(tp_url):
         one_rank.shutdown()
     stats = serve.get_deployment_handle("LLMServer", app_name="swiftserve").engine_stats.remote().result()
     assert stats["sessions_resident"] == 1
-    ranks = list_actors(filters=[("class_name", "=", "TensorParallelRank"), ("state", "=", "ALIVE")])
-    assert len(ranks) == 1  # rank 1 of the replica, in its placement group
+    groups = [g for g in ray.util.placement_group_table().values() if g["state"] == "CREATED"]
+    assert [list(g["bundles"].values()) for g in groups] == [[{"CPU": 0.25}, {"CPU": 0.25}]]  # one replica, 2 ranks
