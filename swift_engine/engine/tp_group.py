@@ -39,7 +39,7 @@ class TensorParallelGroup:
     def __init__(self, rank: int, size: int, init_method: str, device: str):
         self.rank, self.size = rank, size
         self.device = torch.device(device)
-        if self.device.type == "cuda":
+        if self.device.index is not None:  # "cuda" alone: a Ray rank's only GPU, already current
             torch.cuda.set_device(self.device)
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size)
