@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from pydantic import ValidationError
 from safetensors.torch import save_file
 
 from swift_engine import EngineConfig, StreamingEngine, UnsupportedModelError
@@ -24,8 +25,10 @@ CONFIG = {**TINY_CONFIG, "vocab_size": 262}
 def write_checkpoint(path, config: dict):
     """A checkpoint of `config` with random weights and the byte tokenizer (ids 0..260)."""
     (path / "config.json").write_text(json.dumps(config))
-    model = random_model(config, seed=3)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
+    weights = {k: v.contiguous() for k, v in random_model(config, seed=3).state_dict().items()}
+    if config.get("tie_word_embeddings"):  # one tensor in the file, as HF saves tied models
+        del weights["lm_head.weight"]
+    save_file(weights, str(path / "model.safetensors"))
     build_byte_tokenizer().save_pretrained(str(path))
     return path
 
@@ -102,6 +105,23 @@ def test_tensor_parallel_equals_one_rank(checkpoint, single, tp):
     assert tokens == [[t for t, _, _ in turn] for turn in single["decode"]]
 
 
+def test_biases_and_tied_embeddings_are_split_too(tmp_path):
+    """q/k/v and gate/up biases are sharded, o and down biases added once after the all-reduce;
+    a tied LM head shares the embedding's vocabulary shard."""
+    config = {**CONFIG, "attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True}
+    ckpt = write_checkpoint(tmp_path, config)
+    got = []
+    for tp in (1, 2):
+        e = engine(ckpt, tp)
+        try:
+            got.append(e.score_sync("s", ids(50, 7)))
+        finally:
+            e.shutdown()
+    assert max(abs(a - b) for a, b in zip(*map(flat, got), strict=True)) <= TOL
+
+
 def test_a_split_the_model_does_not_allow_is_refused_naming_the_field(checkpoint):
     with pytest.raises(UnsupportedModelError, match="tensor_parallel_size: 3 does not divide"):
         engine(checkpoint, 3, device="cpu")
+    with pytest.raises(ValidationError, match="tensor_parallel_size"):
+        EngineConfig(tensor_parallel_size=0)
