@@ -5,6 +5,7 @@
 #              8/32/64 conversations, 8B shape                                   carry: .devcarry .devmodel/base
 #   model PART stash one piece of the SmolLM2 GGUF (split -b 33000000, .devmodel/)  carry: .devmodel/gguf/PART
 #   realmodel  GPU tests and decode latency on SmolLM2-135M-Instruct's real weights (after the pieces)
+#   tp         tensor parallel on 2 GPUs (TP=4 too on 4): GPU TP tests, decode and many-session --tp  carry: .devcarry
 set -o pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -43,4 +44,13 @@ realmodel)
   timeout 200 python3 benchmarks/decode_latency.py --shapes smollm2-135m-instruct --sizes 256 1024 4096 \
       --save-as decode_latency_smollm2 2>&1 | tee "$OUT/decode_smollm2.log" | tail -8
   pack realmodel ;;
+tp)  # TP: the tensor_parallel_size to benchmark (default 2; needs that many GPUs)
+  source benchmarks/device_setup.sh || exit 1
+  timeout 300 python3 -m pytest -q --noconftest -p no:cacheprovider tests/test_gpu_tensor_parallel.py 2>&1 \
+      | tee "$OUT/gpu_tests_tp.log" | tail -4
+  timeout 200 python3 benchmarks/decode_latency.py --shapes llama2-7b --sizes 1024 4096 --tp ${TP:-2} \
+      2>&1 | tee "$OUT/decode_latency_tp.log" | tail -6
+  timeout 200 python3 benchmarks/many_sessions.py --shapes llama2-7b --batches 1 8 32 --steps 10 --tp ${TP:-2} \
+      2>&1 | tee "$OUT/many_sessions_tp.log" | tail -6
+  pack tp ;;
 esac
