@@ -39,9 +39,9 @@ def checkpoint(tmp_path_factory):
 
 
 def engine(checkpoint, tp: int, **kw) -> StreamingEngine:
-    kw = {"dtype": "float32", **kw}
-    cfg = EngineConfig(model=str(checkpoint), sink_tokens=4, window_tokens=28, page_size=8,
-                       num_pages=64, max_batch_tokens=32, tensor_parallel_size=tp, **kw)
+    kw = {"dtype": "float32", "page_size": 8, **kw}
+    cfg = EngineConfig(model=str(checkpoint), sink_tokens=4, window_tokens=28, num_pages=64, max_batch_tokens=32,
+                       tensor_parallel_size=tp, **kw)
     return StreamingEngine(cfg, progress=False)
 
 
