@@ -14,7 +14,7 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import save_file
 
-from swift_engine import EngineConfig, StreamingEngine, UnsupportedModelError
+from swift_engine import EngineConfig, EngineError, StreamingEngine, UnsupportedModelError
 from swift_engine.models.random_init import random_model
 from swift_engine.models.tiny import TINY_CONFIG, build_byte_tokenizer
 
@@ -94,6 +94,9 @@ def test_tensor_parallel_equals_one_rank(checkpoint, single, tp):
         rank.kill()
         rank.join(timeout=30)
         assert not e.is_alive()
+        for _ in range(2):  # the step that finds the rank gone fails, and every later one, at once
+            with pytest.raises(EngineError, match="engine step failed"):
+                e.score_sync("z", ids(3, 9))
     finally:
         e.shutdown()
     for case in single:

@@ -97,6 +97,8 @@ class StepBroadcaster:
         self.runner, self.group, self.device = runner, group, runner.device
 
     def run(self, chunks, plans, logit_rows):
+        if self.group.broken:  # fail fast: the other ranks may be stuck in the failed step's collectives
+            raise RuntimeError("a tensor-parallel step failed earlier: this engine must be restarted")
         try:
             self.group.send_step((chunks, plans, logit_rows))
             return self.runner.run(chunks, plans, logit_rows)
