@@ -39,7 +39,7 @@ def run_worker(config: EngineConfig, rank: int, address: str) -> None:
         while (step := group.receive_step()) is not None:
             runner.run(*step)
     finally:
-        torch.distributed.destroy_process_group()
+        group.close()
 
 
 def start_rank0(config: EngineConfig, start_workers: StartWorkers | None = None) -> TensorParallelGroup:
