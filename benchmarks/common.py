@@ -146,12 +146,19 @@ def make_core(model, S: int, W: int, tokens_capacity: int, max_batch_tokens: int
               max_running: int = 64, page_size: int = 16, max_prompt_tokens: int = 1 << 22, **config) -> EngineCore:
     """An EngineCore over `model` whose page pool holds `tokens_capacity` tokens (+ reserves);
     `config`: further EngineConfig fields."""
-    pages = tokens_capacity // page_size + max_running * (max_batch_tokens // page_size + 4) + 64
-    cfg = EngineConfig(model="random", device="cuda", dtype="bfloat16" if model.lm_head.weight.dtype ==
-                       torch.bfloat16 else "float32", sink_tokens=S, window_tokens=W, page_size=page_size,
-                       num_pages=pages, max_batch_tokens=max_batch_tokens, max_running=max_running,
-                       max_prompt_tokens=max_prompt_tokens, **config)
+    dtype = "bfloat16" if model.lm_head.weight.dtype == torch.bfloat16 else "float32"
+    cfg = core_config(S, W, tokens_capacity, max_batch_tokens, max_running, page_size, max_prompt_tokens,
+                      model="random", dtype=dtype, **config)
     return EngineCore(cfg, model, None)
+
+
+def core_config(S: int, W: int, tokens_capacity: int, max_batch_tokens: int = 512, max_running: int = 64,
+                page_size: int = 16, max_prompt_tokens: int = 1 << 22, **config) -> EngineConfig:
+    """make_core's EngineConfig (also for tensor-parallel engines, benchmarks/tensor_parallel.py)."""
+    pages = tokens_capacity // page_size + max_running * (max_batch_tokens // page_size + 4) + 64
+    return EngineConfig(device="cuda", sink_tokens=S, window_tokens=W, page_size=page_size, num_pages=pages,
+                        max_batch_tokens=max_batch_tokens, max_running=max_running,
+                        max_prompt_tokens=max_prompt_tokens, **config)
 
 
 def random_ids(n: int, vocab: int, seed: int = 0) -> list[int]:

@@ -9,6 +9,7 @@ For each cache size S+W (256 ... 4096), in one run:
   floor           (weight bytes + KV bytes) / device copy rate measured in this run
 
     python benchmarks/decode_latency.py [--shapes llama2-7b llama3-8b] [--tune]
+    python benchmarks/decode_latency.py --tp 2    # the engine over 2 GPUs, all-reduce time broken out
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import statistics
 import time
 
 import common as C
+import tensor_parallel as TP
 import torch
 
 from swift_engine.engine import gpu_runner as gr
@@ -31,13 +33,34 @@ S = 4
 def ours(model, L: int, steps: int, graphs: bool = True):
     core = C.make_core(model, S, L - S, tokens_capacity=2 * L, max_batch_tokens=2048, max_running=4,
                        cuda_graphs=graphs)
-    req = C.submit_generate(core, "s", C.random_ids(L + 64, model.args.vocab_size, L), steps + 20)
+    return core, decode_ms(core, L, steps)
+
+
+def decode_ms(core, L: int, steps: int) -> float:
+    """ms per decode step of one session whose cache holds L tokens (after L + 64 prefilled)."""
+    req = C.submit_generate(core, "s", C.random_ids(L + 64, core.vocab_size, L), steps + 20)
     C.step_until(core, lambda: req.phase == "decode")
     for _ in range(8):
         core.step()
     ms = C.time_decode_steps(core, steps)
     assert req.phase == "decode" and core.sessions["s"].table.tokens <= L
-    return core, ms
+    return ms
+
+
+def run_shape_tp(name: str, args) -> dict:
+    """--tp N: our engine over N GPUs at each cache size, the all-reduce time broken out."""
+    C.log(f"== {name}, tensor_parallel_size {args.tp}")
+    res = dict(tp=args.tp, sizes={})
+    for L in args.sizes:
+        core = TP.make_tp_core(name, args.tp, S, L - S, tokens_capacity=2 * L, max_batch_tokens=2048,
+                               max_running=4)
+        ms = decode_ms(core, L, args.steps)
+        comm = TP.collective_ms(core, max(10, args.steps // 4))
+        res["sizes"][L] = row = dict(cache_tokens=L, ours_ms=ms, tok_s=1e3 / ms, allreduce_ms=comm,
+                                     allreduce_share=comm / ms, graph_stats=dict(core.runner.runner.gpu.stats))
+        C.log(f"  L={L}: {ms:.3f} ms/token, all-reduce {comm:.3f} ms ({comm / ms:.0%})")
+        TP.close(core)
+    return res
 
 
 def device_ms(core) -> float:
@@ -336,9 +359,20 @@ def main():
     p.add_argument("--tune", action="store_true", help="time decode-kernel configs at the largest size")
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--lab", action="store_true", help="kernel lab: in-graph kernel variants, profiles")
+    p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size: the engine over this many GPUs "
+                   "(ours only, all-reduce time broken out; results in <save-as>_tp<N>.json)")
     args = p.parse_args()
     if args.lab:
         lab(args)
+        return
+    if args.tp > 1:
+        results = dict(S=S, tp=args.tp, shapes={name: run_shape_tp(name, args) for name in args.shapes})
+        C.save(f"{args.save_as}_tp{args.tp}", results)
+        for name, r in results["shapes"].items():
+            print(f"\n{name}, TP={args.tp}: cache | ms/token | tok/s | all-reduce ms | all-reduce share")
+            for L, x in r["sizes"].items():
+                print(f"{L} | {x['ours_ms']:.2f} | {x['tok_s']:.0f} | {x['allreduce_ms']:.3f} | "
+                      f"{x['allreduce_share']:.0%}")
         return
     bw = C.copy_bandwidth_gbs()
     C.log(f"copy rate {bw:.0f} GB/s")

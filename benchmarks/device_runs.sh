@@ -9,6 +9,7 @@
 #   realmodel  GPU tests and decode latency on SmolLM2-135M-Instruct's real weights (after the pieces)
 #   fp8-tests  the GPU tests, fp8 included (-s: each prints its measured error)              carry: .devcarry
 #   fp8-bench  FP8 KV cache: resident sessions at 4096, batch 32/64 tok/s, auto vs fp8      carry: .devcarry
+#   tp         tensor parallel on 2 GPUs (TP=4 too on 4): GPU TP tests, decode and many-session --tp  carry: .devcarry
 set -o pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -70,4 +71,13 @@ fp8-bench)
   source benchmarks/device_setup.sh || exit 1
   timeout 540 python3 benchmarks/fp8_kv.py 2>&1 | tee "$OUT/fp8_kv.log" | tail -5
   pack fp8 ;;
+tp)  # TP: the tensor_parallel_size to benchmark (default 2; needs that many GPUs)
+  source benchmarks/device_setup.sh || exit 1
+  timeout 300 python3 -m pytest -q --noconftest -p no:cacheprovider tests/test_gpu_tensor_parallel.py 2>&1 \
+      | tee "$OUT/gpu_tests_tp.log" | tail -4
+  timeout 200 python3 benchmarks/decode_latency.py --shapes llama2-7b --sizes 1024 4096 --tp ${TP:-2} \
+      2>&1 | tee "$OUT/decode_latency_tp.log" | tail -6
+  timeout 200 python3 benchmarks/many_sessions.py --shapes llama2-7b --batches 1 8 32 --steps 10 --tp ${TP:-2} \
+      2>&1 | tee "$OUT/many_sessions_tp.log" | tail -6
+  pack tp ;;
 esac

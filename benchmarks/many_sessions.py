@@ -15,6 +15,7 @@ import argparse
 import time
 
 import common as C
+import tensor_parallel as TP
 import torch
 
 from swift_engine.engine.cache import ceil_div, page_bytes, running_pages, span_pages
@@ -23,12 +24,16 @@ from swift_engine.engine.kv_fp8 import bytes_per_element
 S = 4
 
 
-def sweep(model, L: int, batches: list[int], steps: int, bw: float, kv_cache_dtype: str = "auto") -> list[dict]:
-    a, wb = model.args, C.weight_bytes(model)
+def sweep(model, L: int, batches: list[int], steps: int, bw: float, kv_cache_dtype: str = "auto", tp: int = 1,
+          shape: str = "") -> list[dict]:
+    """tp > 1: the engine over tp GPUs (random weights of `shape`; `model` unused), the all-reduce
+    time broken out; the floor is one rank's (its share of weights and KV heads)."""
     bmax = max(batches)
-    core = C.make_core(model, S, L - S, tokens_capacity=bmax * (L + 64), max_batch_tokens=512,
-                       max_running=bmax, kv_cache_dtype=kv_cache_dtype)
-    elem = bytes_per_element(kv_cache_dtype, model.lm_head.weight.dtype, a.head_dim)
+    kw = dict(tokens_capacity=bmax * (L + 64), max_batch_tokens=512, max_running=bmax, kv_cache_dtype=kv_cache_dtype)
+    core = TP.make_tp_core(shape, tp, S, L - S, **kw) if tp > 1 else C.make_core(model, S, L - S, **kw)
+    a, wb = core.model.args, C.weight_bytes(core.model)
+    gpu = core.runner.runner.gpu if tp > 1 else core.runner.gpu
+    elem = bytes_per_element(kv_cache_dtype, core.model.lm_head.weight.dtype, a.head_dim)
     rows = []
     live = []
     for B in batches:
@@ -39,19 +44,25 @@ def sweep(model, L: int, batches: list[int], steps: int, bw: float, kv_cache_dty
         for _ in range(5):
             core.step()
         ms = C.time_decode_steps(core, steps)
-        bucket = next(b for b in core.runner.gpu.buckets if b >= B)
-        graph, _ = core.runner.gpu.graphs[bucket]
-        dev = C.cuda_time_ms(graph.replay, reps=10)
+        bucket = next(b for b in gpu.buckets if b >= B)
+        graph, _ = gpu.graphs[bucket]
+        # a graph holding collectives replayed on rank 0 alone would wait for the other ranks forever
+        dev = C.cuda_time_ms(graph.replay, reps=10) if tp == 1 else float("nan")
         fl = C.floor_ms(wb, B * C.kv_bytes(a, L, elem), bw)
         row = dict(batch=B, step_ms=ms, tok_s=B / ms * 1e3, device_ms=dev, device_tok_s=B / dev * 1e3,
                    floor_ms=fl, floor_tok_s=B / fl * 1e3, bucket=bucket)
         row["of_floor"] = row["tok_s"] / row["floor_tok_s"]
         row["device_of_floor"] = row["device_tok_s"] / row["floor_tok_s"]
+        if tp > 1:
+            row["allreduce_ms"] = TP.collective_ms(core, 5)
+            row["allreduce_share"] = row["allreduce_ms"] / ms
         rows.append(row)
         C.log("  ", {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
     for r in live:
         r.aborted = True
     core.step()
+    if tp > 1:
+        TP.close(core)
     core = live = r = None
     C.free()
     return rows
@@ -111,8 +122,22 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--hf-batch", type=int, default=32)
     p.add_argument("--fit-batch", action="store_true", help="also decode the most full 4096 sessions that fit")
+    p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size: the engine over this many GPUs "
+                   "(the sweep only, all-reduce time broken out; results in many_sessions_tp<N>.json)")
     args = p.parse_args()
     bw = C.copy_bandwidth_gbs()
+    if args.tp > 1:
+        results = dict(copy_gbs=bw, S=S, cache_tokens=args.cache, tp=args.tp, shapes={})
+        for name in args.shapes:
+            C.log(f"== {name}, tensor_parallel_size {args.tp}")
+            results["shapes"][name] = dict(sweep=sweep(None, args.cache, args.batches, args.steps, bw, tp=args.tp, shape=name))
+            C.save(f"many_sessions_tp{args.tp}", results)
+            print(f"\n{name}, TP={args.tp}, S+W={args.cache}: batch | tok/s | all-reduce ms/step | share | "
+                  "of one rank's floor")
+            for x in results["shapes"][name]["sweep"]:
+                print(f"{x['batch']} | {x['tok_s']:.0f} | {x['allreduce_ms']:.3f} | {x['allreduce_share']:.0%} | "
+                      f"{x['of_floor']:.2f}")
+        return
     results = dict(copy_gbs=bw, S=S, cache_tokens=args.cache, shapes={})
     for name in args.shapes:
         C.log(f"== {name}")

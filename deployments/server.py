@@ -29,6 +29,7 @@ from .metrics import ServerMetrics
 from .protocol import ChatChunk, ChatRequest, ErrorInfo, SessionInfo
 from .store_factory import make_store
 from .stream_batching import coalesce
+from .tp_workers import start_ray_workers
 
 WRITE_THROUGH_PERIOD_S = 0.5  # relaxed durability: how often pending records are retried
 LAST_TURN = ("last_request_digest", "last_reply", "last_finish_reason", "last_prompt_tokens",
@@ -50,7 +51,7 @@ def error_info(exc: Exception) -> ErrorInfo:
 class LLMServer:
     def __init__(self, args: dict | AppArgs):
         self.args = AppArgs.model_validate(args)
-        self.engine = StreamingEngine(self.args.engine, progress=False)
+        self.engine = StreamingEngine(self.args.engine, progress=False, start_workers=start_ray_workers)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.store = make_store(self.args)
         self.epochs: dict[str, int] = {}      # sessions this replica owns -> epoch

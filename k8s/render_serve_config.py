@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # rayservice manifest (relative to the repo root) -> Serve config it embeds
 TARGETS: dict[str, str] = {
     "k8s/overlays/gpu/rayservice.yaml": "configs/gpu.yaml",
+    "k8s/overlays/gpu-tp/rayservice.yaml": "configs/gpu-tp.yaml",
     "k8s/overlays/cpu-dev/rayservice.yaml": "configs/local.yaml",
 }
 

@@ -4,6 +4,7 @@ from .config import EngineConfig
 from .engine.async_engine import StreamingEngine
 from .engine.session import chain_digest
 from .engine.stats import EngineStats
+from .engine.tp_worker import run_worker
 from .errors import (CapacityError, EngineError, HistoryMismatchError, InvalidRequestError,
                      SessionBusyError, UnknownSessionError, UnsupportedModelError)
 from .models.loader import resolve_model_dir
@@ -14,5 +15,5 @@ __all__ = [
     "EngineConfig", "StreamingEngine", "EngineStats", "chain_digest", "SamplingParams", "GenerationEvent",
     "SessionSnapshot", "Usage", "EngineError", "InvalidRequestError", "UnknownSessionError",
     "SessionBusyError", "HistoryMismatchError", "CapacityError", "UnsupportedModelError",
-    "resolve_model_dir", "ChatError", "EngineChat", "chat_loop", "load_history",
+    "resolve_model_dir", "ChatError", "EngineChat", "chat_loop", "load_history", "run_worker",
 ]

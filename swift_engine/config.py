@@ -28,6 +28,9 @@ class EngineConfig(BaseModel):
     max_running: int = Field(64, ge=1, description="sessions decoding in one step at most")
     max_prompt_tokens: int = Field(32768, ge=1, description="new tokens one turn may add")
     device: str = "cpu"
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="ranks (GPUs; processes on the CPU) one engine spans, each holding 1/N of every "
+        "layer's heads and MLP columns; must divide the model's attention heads and MLP width")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
     kv_cache_dtype: Literal["auto", "fp8"] = Field(
         "auto", description="auto: the cache holds `dtype`; fp8: e4m3 with a float32 scale per token and KV "

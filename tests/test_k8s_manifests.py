@@ -46,7 +46,7 @@ if not KUBERAY_SCHEMAS.is_dir():  # CI: shared/ beside the clone
     KUBERAY_SCHEMAS = Path(os.environ.get("SWIFTSERVE_SHARED", "/work/shared")) / "schemas/kuberay"
 
 # overlay -> the Serve config its RayService embeds (one source of truth)
-OVERLAYS = {"gpu": "configs/gpu.yaml", "cpu-dev": "configs/local.yaml"}
+OVERLAYS = {"gpu": "configs/gpu.yaml", "gpu-tp": "configs/gpu-tp.yaml", "cpu-dev": "configs/local.yaml"}
 # Kubernetes versions the core objects must be valid for.
 K8S_VERSIONS = ["1.30", "1.37"]
 
@@ -716,19 +716,26 @@ def test_ray_cluster_can_host_the_serve_config(docs, overlay):
     opts = llm.get("ray_actor_options", {})
     need_gpu, need_cpu = opts.get("num_gpus", 0), opts.get("num_cpus", 1)
     engine = app_config(cfg)["args"]["engine"]
-    if overlay == "gpu":
+    if overlay.startswith("gpu"):
         assert engine["device"].startswith("cuda") and need_gpu == 1
-        assert worker["GPU"] == 1, "one GPU per worker pod"
+        # a tensor-parallel replica: one bundle per rank on one node, the replica itself in bundle 0
+        tp = engine.get("tensor_parallel_size", 1)
+        bundles = llm.get("placement_group_bundles") or [{"CPU": need_cpu, "GPU": need_gpu}]
+        assert len(bundles) == tp and all(b.get("GPU") == 1 for b in bundles)
+        assert bundles[0]["GPU"] >= need_gpu and bundles[0]["CPU"] >= need_cpu
+        assert tp == 1 or llm["placement_group_strategy"] == "STRICT_PACK"
+        replica_gpus, replica_cpus = sum(b["GPU"] for b in bundles), sum(b["CPU"] for b in bundles)
+        assert worker["GPU"] == (1 if tp == 1 else 8), "one GPU per worker pod; 8-GPU nodes for TP"
         limits = llm_group["template"]["spec"]["containers"][0]["resources"]["limits"]
         requests = llm_group["template"]["spec"]["containers"][0]["resources"]["requests"]
-        assert limits["nvidia.com/gpu"] == requests["nvidia.com/gpu"] == 1
+        assert limits["nvidia.com/gpu"] == requests["nvidia.com/gpu"] == worker["GPU"]
         assert head["GPU"] == 0
         asc = llm["autoscaling_config"]
-        per_pod = int(worker["GPU"] // need_gpu)
+        per_pod = int(worker["GPU"] // replica_gpus)
         assert asc["max_replicas"] <= llm_group["maxReplicas"] * per_pod, (
             "the autoscaler could never place max_replicas LLMServers")
         assert asc["min_replicas"] <= llm_group["minReplicas"] * per_pod
-        assert need_cpu <= worker["CPU"]
+        assert replica_cpus * per_pod <= worker["CPU"]
         assert deployment_config(cfg, "OpenAIIngress").get("num_replicas") == 2
         tol = llm_group["template"]["spec"].get("tolerations", [])
         assert any(t.get("key") == "nvidia.com/gpu" for t in tol)
@@ -910,7 +917,7 @@ def test_worker_spread_selectors_match_the_workers_themselves(docs, overlay):
     terms = anti.get("requiredDuringSchedulingIgnoredDuringExecution", []) + [
         t["podAffinityTerm"] for t in preferred]
     assert any(t["topologyKey"] == "kubernetes.io/hostname" for t in terms)
-    if overlay == "gpu":  # replicas never share a node
+    if overlay.startswith("gpu"):  # replicas never share a node
         assert any(t["topologyKey"] == "kubernetes.io/hostname"
                    for t in anti.get("requiredDuringSchedulingIgnoredDuringExecution", []))
     for t in terms + spec.get("topologySpreadConstraints", []):
@@ -1008,7 +1015,7 @@ def test_store_and_gcs_use_the_redis_service_with_the_password(docs, overlay):
     _redis_endpoint(external, gcs["redisAddress"])
 
     url = urlparse(args["store_url"])
-    if overlay == "gpu":
+    if overlay.startswith("gpu"):
         assert url.scheme in ("redis", "rediss")
     if url.scheme in ("redis", "rediss"):
         _redis_endpoint(docs, args["store_url"])
@@ -1040,7 +1047,7 @@ def test_model_weights_come_from_a_pvc_or_the_hub(docs, overlay):
               if w["groupName"] == "llm-workers"]
     spec = llm["template"]["spec"]
     env = {e["name"]: e for e in spec["containers"][0].get("env", [])}
-    if overlay == "gpu":
+    if overlay.startswith("gpu"):
         assert engine["model"] != "tiny"
         hf_home = env["HF_HOME"]["value"]
         mounts = {m["mountPath"]: m["name"] for m in spec["containers"][0]["volumeMounts"]}

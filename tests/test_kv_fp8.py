@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from swift_engine import EngineConfig, SamplingParams, StreamingEngine
 from swift_engine.engine.cache import PageTable, SinkWindowCache
-from swift_engine.engine.core import EngineCore
+from swift_engine.engine.core import pages_for_memory
 from swift_engine.engine.kv_fp8 import FP8, dequantize, quantize
 from swift_engine.engine.model_runner import ModelRunner
 from swift_engine.layers.reference import reference_logits
@@ -72,7 +72,7 @@ def test_fp8_sizing_counts_bytes_and_scales():
                                head_dim=128, num_hidden_layers=32))  # Llama-2-7B's cache shape
     auto = EngineConfig(device="cuda", dtype="bfloat16", kv_cache_memory_gb=10)
     fp8 = auto.model_copy(update={"kv_cache_dtype": "fp8"})
-    n_auto, n_fp8 = EngineCore._pages_for_memory(auto, a), EngineCore._pages_for_memory(fp8, a)
+    n_auto, n_fp8 = pages_for_memory(auto, a), pages_for_memory(fp8, a)
     # bf16: 2 x 128 x 2 bytes per token and head; fp8: 2 x (128 + 4) bytes
     assert n_fp8 / n_auto == pytest.approx(512 / 264, rel=1e-3)
     with pytest.raises(ValidationError, match="kv_cache_dtype"):

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from ..config import EngineConfig
 from ..errors import CapacityError, EngineError, InvalidRequestError, SessionBusyError
-from ..models.loader import load_model, read_config, resolve_model_dir
+from ..models.loader import load_engine_model, resolve_model_dir
 from ..models.random_init import random_model
 from ..outputs import GenerationEvent, SessionSnapshot
 from ..sampling import SamplingParams
@@ -29,20 +29,29 @@ from ..tokenizer import ChatTokenizer
 from .core import EngineCore
 from .request import Request
 from .stats import EngineStats, EngineView, view_of
+from .tp_worker import StartWorkers, start_rank0
 
 logger = logging.getLogger(__name__)
 
 
 class StreamingEngine:
     def __init__(self, config: EngineConfig, model=None, tokenizer: ChatTokenizer | None = None,
-                 progress: bool = True):
-        if model is None:
-            model_dir = resolve_model_dir(config.model)
-            model = (random_model(read_config(model_dir), config.device, config.torch_dtype)
-                     if config.load_format == "dummy" else
-                     load_model(model_dir, config.device, config.torch_dtype, progress=progress))
-            tokenizer = ChatTokenizer(model_dir)
-        self.core = EngineCore(config, model, tokenizer)
+                 progress: bool = True, start_workers: StartWorkers | None = None):
+        """tensor_parallel_size > 1: ranks 1..N-1 start through `start_workers` (default: local
+        processes, tp_worker.spawn_workers); this process is rank 0."""
+        if model is not None and config.tensor_parallel_size > 1:
+            raise InvalidRequestError("tensor_parallel_size: a tensor-parallel engine loads its model on every "
+                                      "rank itself (pass model=None)")
+        self.tp_group = start_rank0(config, start_workers) if config.tensor_parallel_size > 1 else None
+        try:
+            if model is None:
+                model = load_engine_model(config, progress, self.tp_group)
+                tokenizer = ChatTokenizer(resolve_model_dir(config.model))
+            self.core = EngineCore(config, model, tokenizer)
+        except BaseException:  # the other ranks are waiting for steps: tell them to stop
+            if self.tp_group is not None:
+                self.tp_group.close()
+            raise
         self.config = self.core.config  # S + W fitted to the model
         self.tokenizer = tokenizer
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -123,10 +132,12 @@ class StreamingEngine:
         if self._thread.is_alive():
             self._call(close)
             self._thread.join()
+        if self.tp_group is not None:
+            self.tp_group.close()
 
     def is_alive(self) -> bool:
-        """Whether the engine thread is running (health checks)."""
-        return self._thread.is_alive()
+        """Whether the engine thread (and, tensor-parallel, every rank) is running (health checks)."""
+        return self._thread.is_alive() and (self.tp_group is None or self.tp_group.alive())
 
     # ---- requests ---------------------------------------------------------
     async def generate(self, session_id: str, prompt_token_ids: list[int] | None = None,

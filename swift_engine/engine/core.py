@@ -23,6 +23,23 @@ from .model_runner import ModelRunner
 from .request import Request
 from .scheduler import Scheduler
 from .session import Session, chain_digest
+from .tp_group import StepBroadcaster
+
+
+def kv_cache_for(config: EngineConfig, model: CausalLM) -> SinkWindowCache:
+    """The page pool of `config` for `model` (of a tensor-parallel rank: its share of the KV heads)."""
+    a = model.args
+    num_pages = config.num_pages or pages_for_memory(config, a)
+    return SinkWindowCache(config.sink_tokens, config.window_tokens, config.page_size, num_pages,
+                           (a.num_layers, a.num_kv_heads, a.head_dim),
+                           model.lm_head.weight.device, model.lm_head.weight.dtype, config.kv_cache_dtype)
+
+
+def pages_for_memory(config: EngineConfig, a) -> int:
+    """Pages that fit in kv_cache_memory_gb (fp8: its bytes and scales)."""
+    per_page = page_bytes((a.num_layers, a.num_kv_heads, a.head_dim), config.page_size, config.torch_dtype,
+                          config.kv_cache_dtype)
+    return max(1, int(config.kv_cache_memory_gb * 2**30 // per_page))
 
 
 class EngineCore:
@@ -30,28 +47,19 @@ class EngineCore:
         a = model.args
         config = fit_cache_to_model(config, a)
         self.config, self.model, self.tokenizer = config, model, tokenizer
-        num_pages = config.num_pages or self._pages_for_memory(config, a)
-        self.cache = SinkWindowCache(config.sink_tokens, config.window_tokens, config.page_size, num_pages,
-                                     (a.num_layers, a.num_kv_heads, a.head_dim),
-                                     model.lm_head.weight.device, model.lm_head.weight.dtype,
-                                     config.kv_cache_dtype)
+        self.cache = kv_cache_for(config, model)
         self.scheduler = Scheduler(self.cache, config.max_batch_tokens, config.max_running)
         if not self.scheduler.can_ever_fit():
-            raise CapacityError(f"num_pages={num_pages} cannot hold one session: it needs "
+            raise CapacityError(f"num_pages={self.cache.num_pages} cannot hold one session: it needs "
                                 f"{self.scheduler.reserve} pages of {config.page_size} tokens")
-        self.runner = ModelRunner(model, self.cache, config)
+        runner, group = ModelRunner(model, self.cache, config), getattr(model, "tp_group", None)
+        self.runner = runner if group is None else StepBroadcaster(runner, group)  # rank 0 of a TP engine
         self.sampler = Sampler(a.vocab_size, self.runner.device)
         self.sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self.vocab_size = a.vocab_size
         self.tokens_generated = 0
         self.reprefills = 0
         self.idle = IdleBound(config.max_idle_sessions, config.idle_session_ttl_s)
-
-    @staticmethod
-    def _pages_for_memory(config: EngineConfig, a) -> int:
-        per_page = page_bytes((a.num_layers, a.num_kv_heads, a.head_dim), config.page_size, config.torch_dtype,
-                              config.kv_cache_dtype)
-        return max(1, int(config.kv_cache_memory_gb * 2**30 // per_page))
 
     # ---- submission -------------------------------------------------------
     def submit(self, req: Request, messages: list[dict] | None = None) -> None:

@@ -57,6 +57,8 @@ class FusedDecoder:
                 post_w=layer.post_attention_layernorm.weight, post_eps=layer.post_attention_layernorm.eps,
                 q_norm=getattr(at, "q_norm", None), k_norm=getattr(at, "k_norm", None)))
         self.norm = model.model.norm
+        group = getattr(model, "tp_group", None)  # tensor parallel: o and down are row-parallel
+        self.reduce = group.all_reduce if group is not None else (lambda x: x)
         self.gemv_cfg: dict = {}
 
     def _lin(self, x, w, b=None, gemv: bool = False):
@@ -68,7 +70,7 @@ class FusedDecoder:
         """gemv: few rows (decode) -> weight-streaming Triton GEMV instead of cuBLAS (measured faster
         in a CUDA graph at M <= 32, and no split-K reduce kernels; NOTES-gpu.md)."""
         a, L = self.a, self.layers
-        x = F.embedding(ids, self.model.model.embed_tokens.weight)
+        x = self.model.model.embed_tokens(ids)  # a module call: tensor-parallel vocab shards all-reduce
         t = x.shape[0]
         gemv = gemv and t <= ops.GEMV_MAX_M
         res, h = ops.add_rmsnorm(x, None, L[0].in_w, L[0].in_eps)
@@ -80,13 +82,13 @@ class FusedDecoder:
             if ly.q_norm is not None:
                 q, k = ly.q_norm(q), ly.k_norm(k)
             o = attn(i, q, k, v)
-            res, h = ops.add_rmsnorm(res, self._lin(o.view(t, self.nq), ly.wo, None, gemv), ly.post_w,
-                                    ly.post_eps, residual_out=res)
-            m = self._lin(ops.silu_mul(self._lin(h, ly.wgu, None, gemv)), ly.wdown, None, gemv)
+            o = self.reduce(self._lin(o.view(t, self.nq), ly.wo, None, gemv))
+            res, h = ops.add_rmsnorm(res, o, ly.post_w, ly.post_eps, residual_out=res)
+            m = self.reduce(self._lin(ops.silu_mul(self._lin(h, ly.wgu, None, gemv)), ly.wdown, None, gemv))
             nxt = L[i + 1] if i + 1 < len(L) else None
             res, h = ops.add_rmsnorm(res, m, nxt.in_w if nxt else self.norm.weight,
                                     nxt.in_eps if nxt else self.norm.eps, residual_out=res)
         return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.model.lm_head.weight).float()
+        return self.model.lm_head(hidden).float()  # tensor parallel: the vocab shards' logits gathered

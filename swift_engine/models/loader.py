@@ -11,7 +11,8 @@ from tqdm import tqdm
 from ..errors import UnsupportedModelError
 from .families import ModelArgs
 from .llama import CausalLM
-from .random_init import empty_model
+from .random_init import empty_model, random_model
+from .tensor_parallel import shard_tensor
 
 
 BUNDLED = Path(__file__).resolve().parent / "checkpoints"  # trained reference models shipped in the package
@@ -77,11 +78,21 @@ def checkpoint_tensors(name: str, tensor: torch.Tensor, args: ModelArgs) -> list
     return [(f"{prefix}.{n}.{leaf}", part) for n, part in zip(names, torch.split(tensor, sizes))]
 
 
-def load_model(model_dir: Path, device="cpu", dtype=torch.float32, progress: bool = True) -> CausalLM:
+def load_engine_model(config, progress: bool = True, group=None) -> CausalLM:
+    """The model an EngineConfig names, as its load_format says (a tensor-parallel rank: its share)."""
+    model_dir = resolve_model_dir(config.model)
+    if config.load_format == "dummy":
+        return random_model(read_config(model_dir), config.device, config.torch_dtype, group=group)
+    return load_model(model_dir, config.device, config.torch_dtype, progress, group)
+
+
+def load_model(model_dir: Path, device="cpu", dtype=torch.float32, progress: bool = True,
+               group=None) -> CausalLM:
     """Strict: every checkpoint tensor lands in a parameter of the same shape and every parameter is
-    loaded, else UnsupportedModelError names the tensor (a dropped bias would silently change logits)."""
+    loaded, else UnsupportedModelError names the tensor (a dropped bias would silently change logits).
+    With a tensor-parallel `group`, this rank's share (models/tensor_parallel.py)."""
     args = ModelArgs.from_hf_config(read_config(model_dir))
-    model = empty_model(args, device, dtype)
+    model = empty_model(args, device, dtype, group)
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
     files = sorted(model_dir.glob("*.safetensors"))
@@ -92,6 +103,8 @@ def load_model(model_dir: Path, device="cpu", dtype=torch.float32, progress: boo
             for name in f.keys():
                 if not name.endswith(IGNORED_SUFFIXES):
                     for ours, tensor in checkpoint_tensors(name, f.get_tensor(name), args):
+                        if group is not None:
+                            tensor = shard_tensor(ours, tensor, args, group.rank, group.size)
                         _copy(params, ours, name, tensor, args)
                         loaded.add(ours)
     missing = set(params) - loaded
