@@ -27,6 +27,7 @@ from ..outputs import GenerationEvent, SessionSnapshot
 from ..sampling import SamplingParams
 from ..tokenizer import ChatTokenizer
 from .core import EngineCore
+from .idle_cache import CHECK_EVERY_S
 from .request import Request
 from .stats import EngineStats, EngineView, view_of
 
@@ -66,6 +67,7 @@ class StreamingEngine:
         try:
             while not (self._closed and not self.core.has_work()):
                 self._drain(wait=not self.core.has_work())
+                self.core.age_caches()
                 if self.core.has_work():
                     try:
                         self.core.step()
@@ -79,9 +81,10 @@ class StreamingEngine:
                 self._stopped = True
 
     def _drain(self, wait: bool) -> None:
-        """Run the queued calls in order; with `wait`, block until there is one."""
+        """Run the queued calls in order; with `wait`, block until there is one or a second passed (idle
+        caches age and the published view with them, work or not)."""
         try:
-            call = self._inbox.get() if wait else self._inbox.get_nowait()
+            call = self._inbox.get(timeout=CHECK_EVERY_S) if wait else self._inbox.get_nowait()
             while True:
                 call()
                 call = self._inbox.get_nowait()
