@@ -347,9 +347,9 @@ class LLMServer:
         st = self.engine.stats()
         self.metrics.engine_state(st)
         resident = self.engine.resident_sessions()
-        # free_pages counts idle sessions' pages: LRU eviction frees them for a new session
-        return {"replica_id": self.replica_id, "free_pages": st.pages_free + st.pages_evictable,
-                "pages_used": st.pages_used, "total_pages": st.pages_total, "running": st.sessions_running,
+        # idle sessions' pages are not free (routing.capacity): placing there would evict a conversation
+        return {"replica_id": self.replica_id, "free_pages": st.pages_free, "live_pages": st.pages_live,
+                "total_pages": st.pages_total, "running": st.sessions_running,
                 "max_running": self.args.engine.max_running, "resident": st.sessions_resident,
                 "sessions": pack_sessions(resident),
                 "epochs": pack_epochs({sid: self.epochs.get(sid, 0) for sid in resident}),
