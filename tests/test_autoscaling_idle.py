@@ -70,12 +70,17 @@ class Conversations:
     async def turn(self, sid: str) -> str:
         history = self.history.setdefault(sid, [])
         history.append({"role": "user", "content": f"{sid} turn {len(history) // 2}: " + "tell me more " * 12})
-        headers, text, usage = await stream_turn(self.client, sid, history, max_tokens=4)
+        final: dict = {}
+        headers, text, usage = await stream_turn(self.client, sid, history, max_tokens=4, final=final)
         assert usage is not None and usage.completion_tokens > 0
         history.append({"role": "assistant", "content": text})
         self.home[sid] = headers["x-swiftserve-replica"]
-        if "x-swiftserve-reprefill-ms" in headers:
-            self.causes[headers["x-swiftserve-reprefill-cause"]] += 1
+        if "x-swiftserve-reprefill-ms" in headers:  # the final chunk says it again
+            cause = headers["x-swiftserve-reprefill-cause"]
+            assert final["reprefill"] == {"ms": float(headers["x-swiftserve-reprefill-ms"]), "cause": cause}
+            self.causes[cause] += 1
+        else:
+            assert "reprefill" not in final and final["durable"] is True
         return self.home[sid]
 
     async def stored_turns(self, sid: str) -> int:

@@ -39,7 +39,8 @@ def deploy(spec: dict, timeout_s: float = 120) -> None:
 
 
 async def count_reprefills(url: str, router: str, sessions: int = 16) -> tuple[int, int]:
-    """(re-prefills, turns) over 2 rounds of turns, a 2 -> 3 scale-up under traffic, and 3 rounds after it."""
+    """(re-prefills, turns) over 2 rounds of turns, a 2 -> 3 scale-up under traffic, and 3 rounds after it.
+    The header counts every rebuild, whatever its cause (moved, evicted here, restored)."""
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
     tag = router.rsplit(":", 1)[1]
     histories = {f"{tag}-{i}": [] for i in range(sessions)}
