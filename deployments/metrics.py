@@ -10,9 +10,9 @@ _MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
 TAGS = ("model", "replica")
 COMMIT_FAILURE_REASONS = ("StaleEpochError", "StoreUnavailableError", "StoreError")
 # why a turn re-prefilled its session's cache: evicted here (page pressure or idle_cache_ttl_s) and rebuilt from
-# the ids the engine kept; moved from another replica (claimed from the store); restored from the store here
-# (the engine had forgotten the session, or dropped it after a failed step or an abandoned turn)
-REPREFILL_CAUSES = ("evicted", "moved", "restored")
+# the ids the engine kept; moved from another replica (claimed from the store); forgotten here and rebuilt from
+# the store (the engine forgot the idle session, or dropped it after a failed step or an abandoned turn)
+REPREFILL_CAUSES = ("evicted", "moved", "forgotten")
 
 
 def _hist(name: str, doc: str) -> metrics.Histogram:

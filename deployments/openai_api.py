@@ -27,7 +27,7 @@ from .turn_stream import TurnResponse, TurnStream
 REPLICA_HEADER = "x-swiftserve-replica"
 SESSION_HEADER = "x-session-id"
 REPREFILL_HEADER = "x-swiftserve-reprefill-ms"  # set when this turn rebuilt the cache
-REPREFILL_CAUSE_HEADER = "x-swiftserve-reprefill-cause"  # with it: evicted, moved or restored
+REPREFILL_CAUSE_HEADER = "x-swiftserve-reprefill-cause"  # with it: evicted, moved or forgotten
 DURABLE_HEADER = "x-swiftserve-durable"  # non-streamed turns: "false" if acknowledged before the store had it
 
 app = FastAPI(title="swiftserve", description="OpenAI-compatible streaming chat with StreamingLLM sessions")

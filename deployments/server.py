@@ -175,7 +175,7 @@ class LLMServer:
         record, current = None, False
         if sid in self.epochs and self.unreachable:  # relaxed and the store failed lately: serve what we hold
             if sid in self.pending and not self.engine.hold_session(sid):
-                return await self._restore(sid, self.pending[sid], "restored")  # newer than the store's record
+                return await self._restore(sid, self.pending[sid], "forgotten")  # newer than the store's record
             if self.engine.hold_session(sid):
                 return None
         if sid in self.epochs:
@@ -205,7 +205,7 @@ class LLMServer:
             self.last_turn[sid] = record.model_dump(include=set(LAST_TURN))
         if self.engine.hold_session(sid) or record is None or record.tokens_seen == 0:
             return None
-        return await self._restore(sid, record, "moved" if record.owner != self.replica_id else "restored")
+        return await self._restore(sid, record, "moved" if record.owner != self.replica_id else "forgotten")
 
     def _prune_forgotten(self, keep: str) -> None:
         """The engine forgets idle sessions (max_idle_sessions, idle_session_ttl_s); drop our bookkeeping of

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import bisect
 import enum
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -141,11 +140,15 @@ def decide(
        never move. `recent`, the replica this router sent the session to a
        moment ago, counts as a holder while no stats show one: stats lag a
        polling period, and a ring change inside that lag must not move it.
-    2. No holder: among replicas that are not full (routing.capacity), the
-       one with room for the most new sessions (one not reported yet first),
-       ties in HRW order, so a new replica after scale-up takes the new ones; if all are full, the
-       HRW-first of all (it must evict). One target only, so that routers
-       seeing the same stats place a new session on the same replica.
+    2. No holder: the HRW-first of the roomiest replicas: those not full
+       (routing.capacity) with room for at least half as many new sessions
+       as the replica with the most room, and those not reported yet (just
+       started, or stats not here yet: never a reason to pile every new
+       session onto them). So a new replica after scale-up takes the new
+       sessions, while a burst within one stats period still spreads over
+       replicas of similar room. If all are full, the HRW-first of all (it
+       must evict). One target only, so that routers seeing the same stats
+       place a session on the same replica.
     3. No session id: all replicas, least running first (ties by id).
     """
     if not session_id:
@@ -168,8 +171,6 @@ def decide(
         kind = Kind.BACKOFF if _busy(by_id[holder]) else Kind.OWNER
         return Decision(kind, (holder,))
     rooms = {r: capacity(by_id[r]).room for r in order}
-    open_ = [r for r in order if rooms[r] != 0]
-    if not open_:
-        return Decision(Kind.RING, (order[0],))
-    # not reported yet: just started, its pool is empty; first max: HRW breaks ties
-    return Decision(Kind.RING, (max(open_, key=lambda r: math.inf if rooms[r] is None else rooms[r]),))
+    most = max((room for room in rooms.values() if room is not None), default=0)
+    roomiest = [r for r in order if rooms[r] is None or (rooms[r] > 0 and 2 * rooms[r] >= most)]
+    return Decision(Kind.RING, ((roomiest or order)[0],))

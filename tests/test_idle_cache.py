@@ -3,6 +3,7 @@ import asyncio
 import time
 
 import pytest
+import torch
 
 from swift_engine import EngineConfig, SamplingParams, StreamingEngine
 from swift_engine.engine.idle_cache import live_weight
@@ -26,8 +27,9 @@ def test_live_weight_counts_idle_pages_fully_then_fades_to_none_at_the_ttl():
     assert live_weight(1e9, None) == 1.0  # no ageing: idle pages are needed as long as they stay
 
 
-async def test_idle_session_gives_its_pages_back_and_its_next_turn_rebuilds_exactly():
-    aged, kept = make(idle_cache_ttl_s=1.0), make()
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+async def test_idle_session_gives_its_pages_back_and_its_next_turn_rebuilds_exactly(device):
+    aged, kept = make(device, idle_cache_ttl_s=1.0), make(device)
     try:
         first, second = [(7 * i) % 250 for i in range(30)], [3, 5, 7]
         for e in (aged, kept):
