@@ -11,9 +11,14 @@ from swift_engine.engine.idle_cache import live_weight
 GREEDY = SamplingParams(max_tokens=6, ignore_eos=True)
 
 
-def make(**kw) -> StreamingEngine:
-    return StreamingEngine(EngineConfig(model="tiny", sink_tokens=4, window_tokens=48, page_size=8, num_pages=64, max_batch_tokens=64, **kw),
-                           progress=False)
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                        reason="needs a CUDA GPU")])
+
+
+def make(device: str = "cpu", **kw) -> StreamingEngine:
+    # float32 on the GPU too: the rebuilt cache must give the same greedy tokens as the kept one
+    return StreamingEngine(EngineConfig(model="tiny", sink_tokens=4, window_tokens=48, page_size=8, num_pages=64,
+                                        max_batch_tokens=64, device=device, dtype="float32", **kw), progress=False)
 
 
 async def turn(engine, sid, ids):
