@@ -56,6 +56,7 @@ class CacheHolder:
         return {
             "replica_id": self._replica_id,
             "free_pages": self._capacity - resident,  # one page per session here
+            "live_pages": resident,
             "total_pages": self._capacity,
             "running": self._running,
             "max_running": self._max_running,

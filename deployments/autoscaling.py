@@ -4,6 +4,10 @@ A StreamingLLM replica is "full" long before its request queue says so: every
 idle conversation still holds cache pages. Ray's default policy only sees
 ongoing requests, so it would keep a replica whose cache is full and shed
 replicas whose caches hold idle sessions (each removal costs re-prefills).
+Occupancy counts live pages (routing.capacity, the router's definition too):
+running sessions' pages and idle ones' weighted by age, down to none once they
+age out (engine `idle_cache_ttl_s`), so the replica count follows live
+conversations and comes back down when they go idle.
 
 Replicas report two custom metrics via `record_autoscaling_stats`
 (`autoscaling_stats` derives them from the routing stats dict), and
@@ -17,18 +21,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-CACHE_OCCUPANCY = "cache_occupancy"  # used pages / total pages, per replica
+from routing.capacity import capacity
+
+CACHE_OCCUPANCY = "cache_occupancy"  # live pages / total pages, per replica
 RUNNING_FRACTION = "running_fraction"  # running / max_running, per replica
 
 
 def autoscaling_stats(routing_stats: Mapping[str, Any]) -> dict[str, float]:
     """The custom autoscaling metrics of a replica, from its routing stats."""
-    total = int(routing_stats.get("total_pages", 0))
-    # occupancy counts idle resident sessions too: evicting them costs re-prefills later
-    used = int(routing_stats.get("pages_used", total - int(routing_stats.get("free_pages", total))))
     max_running = int(routing_stats.get("max_running", 0))
     return {
-        CACHE_OCCUPANCY: used / total if total > 0 else 0.0,
+        CACHE_OCCUPANCY: capacity(routing_stats).occupancy,
         RUNNING_FRACTION: (
             int(routing_stats.get("running", 0)) / max_running
             if max_running > 0

@@ -9,6 +9,10 @@ from ray.util import metrics
 _MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
 TAGS = ("model", "replica")
 COMMIT_FAILURE_REASONS = ("StaleEpochError", "StoreUnavailableError", "StoreError")
+# why a turn re-prefilled its session's cache: evicted here (page pressure or idle_cache_ttl_s) and rebuilt from
+# the ids the engine kept; moved from another replica (claimed from the store); forgotten here and rebuilt from
+# the store (the engine forgot the idle session, or dropped it after a failed step or an abandoned turn)
+REPREFILL_CAUSES = ("evicted", "moved", "forgotten")
 
 
 def _hist(name: str, doc: str) -> metrics.Histogram:
@@ -27,10 +31,11 @@ class ServerMetrics:
     def __init__(self, model: str, replica: str):
         self.ttft = _hist("swiftserve_ttft_ms", "time to first token")
         self.itl = _hist("swiftserve_inter_token_ms", "time between streamed tokens")
-        self.reprefill_ms = _hist("swiftserve_reprefill_ms", "re-prefill duration")
+        self.reprefill_ms = metrics.Histogram("swiftserve_reprefill_ms", "re-prefill duration, by cause",
+                                              boundaries=_MS, tag_keys=(*TAGS, "cause"))
         self.commit_ms = _hist("swiftserve_commit_ms", "store commit latency")
         self.tokens = _counter("swiftserve_generated_tokens", "generated tokens")
-        self.reprefills = _counter("swiftserve_reprefills", "caches rebuilt from the store")
+        self.reprefills = _counter("swiftserve_reprefills", "caches rebuilt (re-prefilled), by cause", "cause")
         self.claims = _counter("swiftserve_session_claims", "sessions claimed from another owner")
         self.evictions = _counter("swiftserve_cache_evictions", "idle sessions evicted from the cache (LRU)")
         self.commit_failures = _counter("swiftserve_commit_failures", "turns not committed", "reason")
@@ -39,20 +44,27 @@ class ServerMetrics:
         self.pages_used = _gauge("swiftserve_cache_pages_used", "KV cache pages in use")
         self.pages_total = _gauge("swiftserve_cache_pages_total", "KV cache pages in the pool")
         self._evictions_seen = 0
-        counters = (self.tokens, self.reprefills, self.claims, self.evictions)
+        counters = (self.tokens, self.claims, self.evictions)
         gauges = (self.resident, self.running, self.pages_used, self.pages_total)
-        for m in (self.ttft, self.itl, self.reprefill_ms, self.commit_ms, self.commit_failures, *counters, *gauges):
+        for m in (self.ttft, self.itl, self.reprefill_ms, self.commit_ms, self.commit_failures, self.reprefills,
+                  *counters, *gauges):
             m.set_default_tags({"model": model, "replica": replica})
         for counter in counters:
             counter._record(0)  # Counter.inc refuses 0; a series at zero lets rate() and alerts work at once
         for reason in COMMIT_FAILURE_REASONS:
             self.commit_failures._record(0, tags={"reason": reason})
+        for cause in REPREFILL_CAUSES:
+            self.reprefills._record(0, tags={"cause": cause})
         for gauge in gauges:
             gauge.set(0)
 
     def commit_failed(self, exc: Exception) -> None:
         reason = type(exc).__name__
         self.commit_failures.inc(tags={"reason": reason if reason in COMMIT_FAILURE_REASONS else "StoreError"})
+
+    def reprefilled(self, seconds: float, cause: str) -> None:
+        self.reprefills.inc(tags={"cause": cause})
+        self.reprefill_ms.observe(1000 * seconds, tags={"cause": cause})
 
     def engine_state(self, stats) -> None:
         """Gauges from the engine's stats, and evictions as a counter (the engine keeps a running total)."""

@@ -27,6 +27,7 @@ from .turn_stream import TurnResponse, TurnStream
 REPLICA_HEADER = "x-swiftserve-replica"
 SESSION_HEADER = "x-session-id"
 REPREFILL_HEADER = "x-swiftserve-reprefill-ms"  # set when this turn rebuilt the cache
+REPREFILL_CAUSE_HEADER = "x-swiftserve-reprefill-cause"  # with it: evicted, moved or forgotten
 DURABLE_HEADER = "x-swiftserve-durable"  # non-streamed turns: "false" if acknowledged before the store had it
 
 app = FastAPI(title="swiftserve", description="OpenAI-compatible streaming chat with StreamingLLM sessions")
@@ -193,10 +194,11 @@ class OpenAIIngress:
         headers = {REPLICA_HEADER: first.replica_id}
         if first.reprefill_s is not None:
             headers[REPREFILL_HEADER] = f"{1000 * first.reprefill_s:.1f}"
+            headers[REPREFILL_CAUSE_HEADER] = first.reprefill_cause
         if sid:
             headers[SESSION_HEADER] = sid
         rid = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
-        shape = Shaper(kind, rid, self.args.model_id, body.wants_logprobs)
+        shape = Shaper(kind, rid, self.args.model_id, body.wants_logprobs, first)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return TurnResponse(sse_stream(shape, first, stream, include_usage), upstream, headers=headers,

@@ -21,8 +21,11 @@ def error_from(info: ErrorInfo) -> dict:
 class Shaper:
     """Turns ChatChunks into OpenAI response objects."""
 
-    def __init__(self, kind: str, rid: str, model: str, logprobs: bool):
+    def __init__(self, kind: str, rid: str, model: str, logprobs: bool, first: ChatChunk):
         self.kind, self.rid, self.model, self.logprobs = kind, rid, model, logprobs
+        # the turn's re-prefill, reported again on its final chunk (the first chunk carried it from the replica)
+        self.reprefill = None if first.reprefill_s is None else {
+            "ms": round(1000 * first.reprefill_s, 1), "cause": first.reprefill_cause}
         self.created = int(time.time())
         self.offset = 0  # characters of completion text before the next token (completions' text_offset)
 
@@ -52,9 +55,9 @@ class Shaper:
         if self.kind == "chat.completion":
             delta = ({"role": "assistant", "content": c.text} if first else {"content": c.text})
             choice = {"index": 0, "delta": delta, "finish_reason": c.finish_reason, "logprobs": self._lp([c])}
-            return durable(self._obj([choice], "chat.completion.chunk"), c)
-        return durable(self._obj([{"index": 0, "text": c.text, "finish_reason": c.finish_reason,
-                                   "logprobs": self._lp([c])}], "text_completion"), c)
+            return self._final(self._obj([choice], "chat.completion.chunk"), c)
+        return self._final(self._obj([{"index": 0, "text": c.text, "finish_reason": c.finish_reason,
+                                       "logprobs": self._lp([c])}], "text_completion"), c)
 
     def whole(self, chunks: list[ChatChunk]) -> dict:
         text, last = "".join(c.text for c in chunks), chunks[-1]
@@ -63,14 +66,16 @@ class Shaper:
                       "finish_reason": last.finish_reason, "logprobs": self._lp(chunks)}
         else:
             choice = {"index": 0, "text": text, "finish_reason": last.finish_reason, "logprobs": self._lp(chunks)}
-        return durable(self._obj([choice], self.kind, usage(last)), last)
+        return self._final(self._obj([choice], self.kind, usage(last)), last)
 
-
-def durable(obj: dict, c: ChatChunk) -> dict:
-    """The final chunk (or whole response) says whether the turn is in the store yet (`durability: relaxed`)."""
-    if c.finish_reason is not None:
-        obj["durable"] = c.durable
-    return obj
+    def _final(self, obj: dict, c: ChatChunk) -> dict:
+        """The final chunk (or whole response) says whether the turn is in the store yet (`durability:
+        relaxed`) and, when the turn rebuilt its cache, how long that took and why (`reprefill`)."""
+        if c.finish_reason is not None:
+            obj["durable"] = c.durable
+            if self.reprefill is not None:
+                obj["reprefill"] = self.reprefill
+        return obj
 
 
 def usage(c: ChatChunk) -> dict:

@@ -56,6 +56,7 @@ class ChatChunk(BaseModel):
     completion_tokens: int = 0
     error: ErrorInfo | None = None
     reprefill_s: float | None = None  # set on the first chunk when this turn rebuilt the cache
+    reprefill_cause: str | None = None  # with it: why (deployments.metrics.REPREFILL_CAUSES)
     durable: bool = True  # on the final chunk: False if acknowledged before the store had it (durability: relaxed)
 
 

@@ -97,7 +97,7 @@ class LLMServer:
                 asyncio.get_running_loop().create_task(self._drop_when_idle(sid))
 
     async def _turn(self, sid: str, req: ChatRequest, persisted: bool,
-                    reprefill: float | None) -> AsyncIterator[ChatChunk]:
+                    reprefill: tuple[float, str] | None) -> AsyncIterator[ChatChunk]:
         messages = [m.model_dump() for m in req.messages] if req.messages is not None else None
         request_digest = chain_digest("", messages) if messages is not None else ""
         replay = self._committed_reply(sid, messages, request_digest) if persisted else None
@@ -109,13 +109,17 @@ class LLMServer:
         try:
             kw = {"messages": messages} if messages is not None else {"prompt_token_ids": self._encode(req.prompt)}
             async for ev in self.engine.generate(sid, sampling=req.sampling, **kw):
-                now = time.perf_counter()
-                (self.metrics.ttft if last == start else self.metrics.itl).observe(1000 * (now - last))
+                now, first = time.perf_counter(), last == start
+                (self.metrics.ttft if first else self.metrics.itl).observe(1000 * (now - last))
                 last = now
+                if first and reprefill is None and ev.reprefill_s is not None:  # evicted here: rebuilt from kept ids
+                    reprefill = (ev.reprefill_s, "evicted")
+                    self.metrics.reprefilled(*reprefill)
+                seconds, cause = reprefill if first and reprefill else (None, None)  # on the first chunk only
                 chunk = ChatChunk(replica_id=self.replica_id, session_id=sid, text=ev.text,
-                                  token_ids=[] if ev.token_id is None else [ev.token_id], reprefill_s=reprefill,
+                                  token_ids=[] if ev.token_id is None else [ev.token_id], reprefill_s=seconds,
+                                  reprefill_cause=cause,
                                   logprobs=token_logprobs(self.engine.tokenizer, ev) if req.logprobs else None)
-                reprefill = None
                 if ev.finish_reason is None:
                     text.append(ev.text)
                     yield chunk
@@ -163,8 +167,8 @@ class LLMServer:
         return ChatChunk(replica_id=self.replica_id, session_id=sid, error=error_info(exc))
 
     # ---- ownership --------------------------------------------------------
-    async def _ensure_owned(self, sid: str) -> float | None:
-        """Own a current copy of the session; returns re-prefill seconds if the cache was rebuilt.
+    async def _ensure_owned(self, sid: str) -> tuple[float, str] | None:
+        """Own a current copy of the session; returns (re-prefill seconds, cause) if the cache was rebuilt.
 
         hold_session (not has_session): a session found in the engine is not forgotten as idle before
         this turn reaches it, so "the engine has it, no restore" stays true."""
@@ -172,7 +176,7 @@ class LLMServer:
         record, current = None, False
         if sid in self.epochs and self.unreachable:  # relaxed and the store failed lately: serve what we hold
             if sid in self.pending and not self.engine.hold_session(sid):
-                return await self._restore(sid, self.pending[sid])  # newer than the store's record
+                return await self._restore(sid, self.pending[sid], "forgotten")  # newer than the store's record
             if self.engine.hold_session(sid):
                 return None
         if sid in self.epochs:
@@ -202,7 +206,7 @@ class LLMServer:
             self.last_turn[sid] = record.model_dump(include=set(LAST_TURN))
         if self.engine.hold_session(sid) or record is None or record.tokens_seen == 0:
             return None
-        return await self._restore(sid, record)
+        return await self._restore(sid, record, "moved" if record.owner != self.replica_id else "forgotten")
 
     def _prune_forgotten(self, keep: str) -> None:
         """The engine forgets idle sessions (max_idle_sessions, idle_session_ttl_s); drop our bookkeeping of
@@ -230,13 +234,12 @@ class LLMServer:
         keyed = self.args.api_keys_env is not None or self.args.api_keys_file is not None
         return sid.partition("/")[0] if keyed else ""
 
-    async def _restore(self, sid: str, record: SessionRecord) -> float:
+    async def _restore(self, sid: str, record: SessionRecord, cause: str) -> tuple[float, str]:
         snap = SessionSnapshot(**record.model_dump(include=set(SessionSnapshot.model_fields) - {"session_id"}),
                                session_id=sid)
         seconds = await self.engine.restore(sid, snap)
-        self.metrics.reprefills.inc()
-        self.metrics.reprefill_ms.observe(1000 * seconds)
-        return seconds
+        self.metrics.reprefilled(seconds, cause)
+        return seconds, cause
 
     async def _commit(self, sid: str, last_turn: dict) -> bool:
         """Store the turn before it is acknowledged; True once durable. A store that cannot be reached fails
@@ -348,9 +351,9 @@ class LLMServer:
         st = self.engine.stats()
         self.metrics.engine_state(st)
         resident = self.engine.resident_sessions()
-        # free_pages counts idle sessions' pages: LRU eviction frees them for a new session
-        return {"replica_id": self.replica_id, "free_pages": st.pages_free + st.pages_evictable,
-                "pages_used": st.pages_used, "total_pages": st.pages_total, "running": st.sessions_running,
+        # idle sessions' pages are not free (routing.capacity): placing there would evict a conversation
+        return {"replica_id": self.replica_id, "free_pages": st.pages_free, "live_pages": st.pages_live,
+                "total_pages": st.pages_total, "running": st.sessions_running,
                 "max_running": self.args.engine.max_running, "resident": st.sessions_resident,
                 "sessions": pack_sessions(resident),
                 "epochs": pack_epochs({sid: self.epochs.get(sid, 0) for sid in resident}),

@@ -74,4 +74,5 @@ def merge(run: list[ChatChunk]) -> ChatChunk:
     logprobs = None if run[0].logprobs is None else [lp for c in run for lp in c.logprobs or []]
     return run[-1].model_copy(update=dict(text="".join(c.text for c in run),
                                           token_ids=[t for c in run for t in c.token_ids], logprobs=logprobs,
-                                          reprefill_s=run[0].reprefill_s))
+                                          reprefill_s=run[0].reprefill_s,
+                                          reprefill_cause=run[0].reprefill_cause))

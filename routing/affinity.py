@@ -7,7 +7,9 @@ reported stats. Nothing here imports Ray; `routing.router` adapts Ray's API.
 
 Stats contract (what a replica returns from `record_routing_stats`):
     {"replica_id": str,        # serve.get_replica_context().replica_id.unique_id
-     "free_pages": int, "total_pages": int,
+     "free_pages": int,        # pages no session holds (idle sessions' pages are not free)
+     "live_pages": int,        # pages needed now (routing.capacity: the autoscaling load)
+     "total_pages": int,
      "running": int, "max_running": int,
      "resident": int,          # sessions whose cache the replica holds
      "sessions": list[int],    # pack_sessions(...) of those sessions
@@ -29,6 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import mmh3
+
+from routing.capacity import capacity
 
 # Part of the wire format: replicas pack with it, routers look up with it, and
 # every HRW weight depends on it. Changing it remaps every session in a fleet.
@@ -117,13 +121,6 @@ def _usable(c: Candidate) -> Mapping[str, Any]:
     return stats if stats.get("replica_id") == c.replica_id else {}
 
 
-def _full(stats: Mapping[str, Any]) -> bool:
-    """No room for another session's cache without evicting someone else's."""
-    if "free_pages" not in stats:
-        return False
-    return int(stats["free_pages"]) < int(stats.get("min_free_pages", 1))
-
-
 def _busy(stats: Mapping[str, Any]) -> bool:
     """Every batch slot is taken (the engine's own limit, not Ray's queue)."""
     if "running" not in stats or "max_running" not in stats:
@@ -143,9 +140,15 @@ def decide(
        never move. `recent`, the replica this router sent the session to a
        moment ago, counts as a holder while no stats show one: stats lag a
        polling period, and a ring change inside that lag must not move it.
-    2. No holder: the HRW-first replica that is not full; if all are full,
-       the HRW-first of all (it must evict). One target only, so that every
-       router places a new session on the same replica.
+    2. No holder: the HRW-first of the roomiest replicas: those not full
+       (routing.capacity) with room for at least half as many new sessions
+       as the replica with the most room, and those not reported yet (just
+       started, or stats not here yet: never a reason to pile every new
+       session onto them). So a new replica after scale-up takes the new
+       sessions, while a burst within one stats period still spreads over
+       replicas of similar room. If all are full, the HRW-first of all (it
+       must evict). One target only, so that routers seeing the same stats
+       place a session on the same replica.
     3. No session id: all replicas, least running first (ties by id).
     """
     if not session_id:
@@ -167,5 +170,7 @@ def decide(
         holder = max(holders, key=lambda h: h[0])[1]  # first max: HRW breaks ties
         kind = Kind.BACKOFF if _busy(by_id[holder]) else Kind.OWNER
         return Decision(kind, (holder,))
-    open_ = [r for r in order if not _full(by_id[r])]
-    return Decision(Kind.RING, ((open_ or order)[0],))
+    rooms = {r: capacity(by_id[r]).room for r in order}
+    most = max((room for room in rooms.values() if room is not None), default=0)
+    roomiest = [r for r in order if rooms[r] is None or (rooms[r] > 0 and 2 * rooms[r] >= most)]
+    return Decision(Kind.RING, ((roomiest or order)[0],))

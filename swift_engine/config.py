@@ -47,6 +47,10 @@ class EngineConfig(BaseModel):
         "recently used are forgotten and rebuilt from the store on their next turn")
     idle_session_ttl_s: float = Field(
         3600.0, gt=0, description="sessions idle (no cache pages) for longer are forgotten")
+    idle_cache_ttl_s: float | None = Field(
+        None, gt=0, description="a resident session idle for longer gives its cache pages back (its next "
+        "turn rebuilds them from its retained ids), so occupancy follows live conversations; None: pages "
+        "stay until page pressure evicts them")
 
     @model_validator(mode="after")
     def _check(self) -> "EngineConfig":

@@ -28,6 +28,8 @@ class GenerationEvent:
     top_logprobs: list[tuple[int, float]] | None = None  # (token id, log-prob), most likely first, when asked
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" (text says why)
     usage: Usage | None = None
+    # first token of a turn whose session's cache was evicted: seconds it took to rebuild it (re-prefill)
+    reprefill_s: float | None = None
     # score requests: log-probability of each scored token (None where no context)
     logprobs: list[float | None] = field(default_factory=list)
 

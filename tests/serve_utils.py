@@ -38,8 +38,10 @@ def running_app(args_update: dict | None = None, tiny: bool = True):
         serve.shutdown()
 
 
-async def stream_turn(client, sid: str, history: list[dict], max_tokens: int = 6, model: str = TINY_MODEL_ID):
-    """Stream one greedy chat turn with the openai client; returns (headers, text, usage or None)."""
+async def stream_turn(client, sid: str, history: list[dict], max_tokens: int = 6, model: str = TINY_MODEL_ID,
+                      final: dict | None = None):
+    """Stream one greedy chat turn with the openai client; returns (headers, text, usage or None).
+    `final`, if given, receives the fields swiftserve adds to the final chunk (durable, reprefill)."""
     async with client.chat.completions.with_streaming_response.create(
             model=model, messages=history, stream=True, max_tokens=max_tokens, temperature=0.0,
             stream_options={"include_usage": True}, extra_headers={"x-session-id": sid}) as resp:
@@ -47,6 +49,8 @@ async def stream_turn(client, sid: str, history: list[dict], max_tokens: int = 6
         async for chunk in await resp.parse():
             if chunk.choices:
                 text.append(chunk.choices[0].delta.content or "")
+                if chunk.choices[0].finish_reason is not None and final is not None:
+                    final.update(chunk.model_extra or {})
             if chunk.usage:
                 usage = chunk.usage
     return resp.headers, "".join(text), usage

@@ -24,6 +24,7 @@ from routing.affinity import (
     rendezvous_order,
     session_key,
 )
+from routing.capacity import capacity
 
 REPO = Path(__file__).resolve().parents[1]
 SESSIONS = [f"session-{i}" for i in range(2000)]
@@ -327,3 +328,24 @@ def test_no_session_goes_least_running_first(session_id: str | None):
     assert decide(session_id, cands) == Decision(
         Kind.FALLBACK, ("r3", "r0", "r2", "r1")
     )
+
+
+def test_new_session_goes_to_a_replica_with_most_room_and_idle_pages_are_not_room():
+    """After scale-up the new, empty replica takes new sessions; a replica whose pages all belong to
+    idle sessions reports no free pages, so it is full for placing, and only the HRW order is left
+    when every replica is full."""
+    ids = ["r1", "r2", "r3"]
+    old_full = stats("r1", free_pages=0, live_pages=90, min_free_pages=10)
+    cands = [Candidate("r1", old_full), Candidate("r2", stats("r2", free_pages=25, min_free_pages=10)),
+             Candidate("r3", stats("r3", free_pages=95, min_free_pages=10))]
+    assert {decide(s, cands).replica_ids for s in SESSIONS[:200]} == {("r3",)}  # room 9 beats room 2
+    # similar room (5 to 9 sessions): the HRW order decides, so a burst spreads over all three
+    similar = [Candidate(r, stats(r, free_pages=50 + 20 * i, min_free_pages=10)) for i, r in enumerate(ids)]
+    assert all(decide(s, similar).replica_ids == (rendezvous_order(s, ids)[0],) for s in SESSIONS[:200])
+    assert capacity(old_full).full and capacity(old_full).occupancy == 0.9 and capacity({}).room is None
+
+
+def test_a_replica_not_reported_yet_shares_new_sessions_by_hrw_rather_than_taking_them_all():
+    ids = ["r1", "r2"]
+    cands = [Candidate("r1", stats("r1", free_pages=1000, min_free_pages=82)), Candidate("r2", {})]
+    assert all(decide(s, cands).replica_ids == (rendezvous_order(s, ids)[0],) for s in SESSIONS[:200])

@@ -116,6 +116,7 @@ def test_bad_targets_rejected():
 
 
 def test_metrics_derive_from_routing_stats():
-    stats = {"free_pages": 25, "total_pages": 100, "running": 3, "max_running": 4}
+    # live pages, not used ones: idle sessions' pages fade out of the load as they age
+    stats = {"free_pages": 5, "live_pages": 75, "total_pages": 100, "running": 3, "max_running": 4}
     assert autoscaling_stats(stats) == {CACHE_OCCUPANCY: 0.75, RUNNING_FRACTION: 0.75}
     assert autoscaling_stats({}) == {CACHE_OCCUPANCY: 0.0, RUNNING_FRACTION: 0.0}

@@ -39,4 +39,5 @@ async def test_a_forgotten_idle_session_continues_exactly_from_the_store(app):
     control, _ = await two_turns(client, "kept")
     rebuilt, headers = await two_turns(client, "forgotten", between=crowd)
     assert "x-swiftserve-reprefill-ms" in headers  # the replica rebuilt it from the store record
+    assert headers["x-swiftserve-reprefill-cause"] == "forgotten"  # here, not moved: it had forgotten the ids
     assert rebuilt == control  # before any eviction a rebuild is exact: the same greedy replies

@@ -53,7 +53,7 @@ PANELS = [
     Panel("Resident sessions", "gauge", "ray_swiftserve_sessions_resident", "sessions", "replica"),
     Panel("Cache pages used", "gauge", "ray_swiftserve_cache_pages_used", "pages", "replica"),
     Panel("Evictions/s (LRU)", "rate", "ray_swiftserve_cache_evictions_total", "1/s", "replica"),
-    Panel("Re-prefills/s", "rate", "ray_swiftserve_reprefills_total", "1/s", "replica"),
+    Panel("Re-prefills/s", "rate", "ray_swiftserve_reprefills_total", "1/s", "cause"),
     Panel("Routing decisions/s", "rate", "ray_swiftserve_routing_decisions_total", "1/s", "decision"),
     Panel("Commit latency", "quantile", "ray_swiftserve_commit_ms", "ms"),
 ]

@@ -27,6 +27,7 @@ from ..outputs import GenerationEvent, SessionSnapshot
 from ..sampling import SamplingParams
 from ..tokenizer import ChatTokenizer
 from .core import EngineCore
+from .idle_cache import CHECK_EVERY_S
 from .request import Request
 from .stats import EngineStats, EngineView, view_of
 from .tp_worker import StartWorkers, start_rank0
@@ -76,6 +77,7 @@ class StreamingEngine:
         try:
             while not (self._closed and not self.core.has_work()):
                 self._drain(wait=not self.core.has_work())
+                self.core.age_caches()
                 if self.core.has_work():
                     try:
                         self.core.step()
@@ -89,9 +91,10 @@ class StreamingEngine:
                 self._stopped = True
 
     def _drain(self, wait: bool) -> None:
-        """Run the queued calls in order; with `wait`, block until there is one."""
+        """Run the queued calls in order; with `wait`, block until there is one or a second passed (idle
+        caches age and the published view with them, work or not)."""
         try:
-            call = self._inbox.get() if wait else self._inbox.get_nowait()
+            call = self._inbox.get(timeout=CHECK_EVERY_S) if wait else self._inbox.get_nowait()
             while True:
                 call()
                 call = self._inbox.get_nowait()

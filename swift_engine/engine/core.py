@@ -19,6 +19,7 @@ from ..tokenizer import ChatTokenizer, IncrementalDetokenizer, StopStringMatcher
 from .cache import SinkWindowCache, page_bytes
 from .cache_fit import fit_cache_to_model
 from .idle import IdleBound
+from .idle_cache import CacheAgeing
 from .model_runner import ModelRunner
 from .request import Request
 from .scheduler import Scheduler
@@ -60,6 +61,7 @@ class EngineCore:
         self.tokens_generated = 0
         self.reprefills = 0
         self.idle = IdleBound(config.max_idle_sessions, config.idle_session_ttl_s)
+        self.ageing = CacheAgeing(config.idle_cache_ttl_s)
 
     # ---- submission -------------------------------------------------------
     def submit(self, req: Request, messages: list[dict] | None = None) -> None:
@@ -146,6 +148,10 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def age_caches(self) -> None:
+        """Idle sessions past idle_cache_ttl_s give their pages back (cheap: see CacheAgeing.age)."""
+        self.ageing.age(self.sessions, self.scheduler, time.monotonic())
+
     def step(self) -> None:
         """One engine step: schedule -> run the model -> postprocess (account, sample, emit)."""
         batch = self._schedule()
@@ -179,6 +185,8 @@ class EngineCore:
         if session.needs_reprefill:
             self.cache.release(session.table)
             self.reprefills += 1
+            if req.kind == "generate":  # evicted, rebuilt in this turn: timed until the replay is fed
+                req.rebuild_from = time.perf_counter()
         if req.kind == "reprefill":  # the newest retained id stays pending, as before the loss
             replay = replay[:-1]
         feed_new = req.new_ids[:-1] if req.kind == "score" else req.new_ids
@@ -203,6 +211,8 @@ class EngineCore:
             if i >= req.n_replay:
                 session.see(req.feed[i])
         req.fed += n
+        if req.rebuild_from is not None and req.rebuild_s is None and req.fed >= req.n_replay:
+            req.rebuild_s = time.perf_counter() - req.rebuild_from
         self.cache.evict(session.table)
         session.pending, session.needs_reprefill = None, False
         if req.kind == "score":
@@ -243,6 +253,7 @@ class EngineCore:
 
     def _take_token(self, req: Request, tok: int, lp: float, top: list[tuple[int, float]] | None) -> None:
         p, session = req.sampling, self.sessions[req.session_id]
+        first = {"reprefill_s": req.rebuild_s} if not req.output_ids else {}  # on the turn's first token
         session.see(tok)
         session.pending = tok
         req.output_ids.append(tok)
@@ -256,13 +267,14 @@ class EngineCore:
         elif len(req.output_ids) >= p.max_tokens:
             reason = "length"
         else:
-            req.emit(req.event(token_id=tok, text=delta, logprob=lp, top_logprobs=top))
+            req.emit(req.event(token_id=tok, text=delta, logprob=lp, top_logprobs=top, **first))
             req.phase, req.feed, req.fed, req.n_replay = "decode", [tok], 0, 1
             return
         tail = "" if hit_stop else req.stopper.flush()
         req.text += tail
         session.open_turn = not is_eos
-        self._complete(req, finish_reason=reason, token_id=tok, text=delta + tail, logprob=lp, top_logprobs=top)
+        self._complete(req, finish_reason=reason, token_id=tok, text=delta + tail, logprob=lp, top_logprobs=top,
+                       **first)
 
     def _complete(self, req: Request, finish_reason: str, **kw) -> None:
         session = self.sessions[req.session_id]

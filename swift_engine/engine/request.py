@@ -26,6 +26,8 @@ class Request:
     fed: int = 0
     phase: Literal["waiting", "prefill", "decode", "done"] = "waiting"
     aborted: bool = False
+    rebuild_from: float | None = None        # generate after eviction: when the replay of retained ids began
+    rebuild_s: float | None = None           # ... and how long until it was fed
     # generate
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
