@@ -346,13 +346,14 @@ class LLMServer:
     def record_routing_stats(self) -> dict:
         st = self.engine.stats()
         self.metrics.engine_state(st)
-        resident = self.engine.resident_sessions()
-        # free_pages counts idle sessions' pages: LRU eviction frees them for a new session
+        # held: resident and host-tier sessions (cheap to resume here, so routed here); only the
+        # resident ones use pages. free_pages counts idle sessions' pages: eviction frees them
+        held = self.engine.held_sessions()
         return {"replica_id": self.replica_id, "free_pages": st.pages_free + st.pages_evictable,
                 "pages_used": st.pages_used, "total_pages": st.pages_total, "running": st.sessions_running,
                 "max_running": self.args.engine.max_running, "resident": st.sessions_resident,
-                "sessions": pack_sessions(resident),
-                "epochs": pack_epochs({sid: self.epochs.get(sid, 0) for sid in resident}),
+                "host": st.sessions_host, "sessions": pack_sessions(held),
+                "epochs": pack_epochs({sid: self.epochs.get(sid, 0) for sid in held}),
                 "min_free_pages": st.pages_to_admit}
 
     def record_autoscaling_stats(self) -> dict[str, float]:

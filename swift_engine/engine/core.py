@@ -18,6 +18,7 @@ from ..sampling import Sampler
 from ..tokenizer import ChatTokenizer, IncrementalDetokenizer, StopStringMatcher
 from .cache import SinkWindowCache
 from .cache_fit import fit_cache_to_model
+from .host_tier import HostTier
 from .idle import IdleBound
 from .model_runner import ModelRunner
 from .request import Request
@@ -34,7 +35,8 @@ class EngineCore:
         self.cache = SinkWindowCache(config.sink_tokens, config.window_tokens, config.page_size, num_pages,
                                      (a.num_layers, a.num_kv_heads, a.head_dim),
                                      model.lm_head.weight.device, model.lm_head.weight.dtype)
-        self.scheduler = Scheduler(self.cache, config.max_batch_tokens, config.max_running)
+        self.host = HostTier(self.cache, config.host_cache_bytes)
+        self.scheduler = Scheduler(self.cache, config.max_batch_tokens, config.max_running, self.host)
         if not self.scheduler.can_ever_fit():
             raise CapacityError(f"num_pages={num_pages} cannot hold one session: it needs "
                                 f"{self.scheduler.reserve} pages of {config.page_size} tokens")
@@ -55,7 +57,7 @@ class EngineCore:
     # ---- submission -------------------------------------------------------
     def submit(self, req: Request, messages: list[dict] | None = None) -> None:
         """Validate and queue. Raises typed errors; on error nothing changes."""
-        self.idle.trim(self.sessions, keep=req.session_id)
+        self.idle.trim(self.sessions, keep=req.session_id, in_host=self.host.holds)
         session = self.sessions.get(req.session_id)
         if session is not None and session.running:
             raise SessionBusyError(f"session {req.session_id!r} already has a request running")
@@ -125,6 +127,7 @@ class EngineCore:
         if session.running:
             raise SessionBusyError(f"session {session_id!r} has a request running")
         self.cache.release(session.table)
+        self.host.discard(session_id)
         del self.sessions[session_id]
         return True
 
@@ -142,8 +145,11 @@ class EngineCore:
         batch = self._schedule()
         if batch:
             self._postprocess(batch, self._run(batch))
+        elif self.host.busy():  # all that can run waits for host-tier copies: wait for them, not spin
+            self.host.wait()
 
     def _schedule(self) -> list[tuple[Request, int]]:
+        self.host.poll()
         for req in self.scheduler.take_aborted():
             self._complete(req, finish_reason="cancelled")
         for req in self.scheduler.admit(self.sessions):
@@ -167,6 +173,8 @@ class EngineCore:
     def _start(self, req: Request) -> None:
         session = self.sessions[req.session_id]
         replay = session.replay_prefix()
+        if self.host.holds(session.id):  # copied back, not re-prefilled: it runs once its pages arrived
+            self.host.reload(session.id, session.table)
         if session.needs_reprefill:
             self.cache.release(session.table)
             self.reprefills += 1
@@ -264,6 +272,7 @@ class EngineCore:
                 session.messages_digest = chain_digest(session.messages_digest, consumed)
                 session.messages_consumed += len(consumed)
         if finish_reason == "cancelled" and req.fed < req.n_replay:
+            self.host.wait()  # its pages may still be arriving from the host tier
             self.cache.release(session.table)  # replay cut short: re-prefill the retained ids next time
             session.needs_reprefill = True
         session.running = False
@@ -275,6 +284,7 @@ class EngineCore:
 
     def fail_all(self, message: str) -> None:
         """A step raised: end every request with an error; their sessions re-prefill from retained ids."""
+        self.host.wait()
         for req in self.scheduler.take_all():
             session = self.sessions[req.session_id]
             self.cache.release(session.table)  # the failed step may have left pages half-written
