@@ -115,9 +115,6 @@ class HostTier:
     def holds(self, session_id: str) -> bool:
         return session_id in self.entries
 
-    def pages_of(self, session_id: str) -> int:
-        return len(self.entries[session_id].pages)
-
     def reload(self, session_id: str, table: PageTable) -> None:
         """Copy a session's pages back into free pool pages (the caller reserved them) and rebuild its
         table; the session may run once `arrived` says so. Its host pages are free at once: every
