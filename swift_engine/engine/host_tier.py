@@ -17,6 +17,7 @@ pages have arrived.
 """
 from __future__ import annotations
 
+import mmap
 import weakref
 from collections import OrderedDict, deque
 from contextlib import nullcontext
@@ -60,9 +61,9 @@ class HostTier:
         self.num_pages = capacity_bytes // self.page_bytes
         device = cache.k.device
         self.cuda = device.type == "cuda"
-        self.host = torch.empty(self.num_pages, self.page_bytes, dtype=torch.uint8)
-        if self.cuda and self.num_pages:
-            pin(self, self.host)
+        nbytes = self.num_pages * self.page_bytes
+        host = pinned(self, nbytes) if self.cuda and nbytes else torch.empty(nbytes, dtype=torch.uint8)
+        self.host = host.view(self.num_pages, self.page_bytes)
         self.free: deque[int] = deque(range(self.num_pages))
         self.entries: OrderedDict[str, HostEntry] = OrderedDict()  # least recently offloaded first
         self.stream = torch.cuda.Stream(device) if self.cuda else None
@@ -220,17 +221,20 @@ def runs(pages: list[int]):
             a = i
 
 
-def pin(owner: object, t: torch.Tensor) -> None:
-    """Page-lock a CPU tensor in place (cudaHostRegister) until `owner` is collected. Not pin_memory():
+def pinned(owner: object, nbytes: int) -> torch.Tensor:
+    """nbytes of page-locked host memory (cudaHostRegister) until `owner` is collected. Not pin_memory():
     PyTorch's pinned allocator rounds a block up to a power of two (80 GB would take 128 GiB)."""
-    cudart, base, size = torch.cuda.cudart(), t.data_ptr(), t.numel() * t.element_size()
-    chunks = list(range(base, base + size, PIN_CHUNK))
+    raw = torch.empty(nbytes + mmap.PAGESIZE, dtype=torch.uint8)
+    t = raw[(-raw.data_ptr()) % mmap.PAGESIZE:][:nbytes]  # page-aligned: the pieces never share a page
+    cudart, base = torch.cuda.cudart(), t.data_ptr()
+    chunks = list(range(base, base + nbytes, PIN_CHUNK))
     for p in chunks:
-        torch.cuda.check_error(cudart.cudaHostRegister(p, min(PIN_CHUNK, base + size - p), 0))
-    # the finalizer holds the tensor: its memory is unregistered before it can be freed
-    weakref.finalize(owner, _unpin, t, chunks)
+        torch.cuda.check_error(cudart.cudaHostRegister(p, min(PIN_CHUNK, base + nbytes - p), 0))
+    # the finalizer holds the memory: it is unregistered before it can be freed
+    weakref.finalize(owner, _unpin, raw, chunks)
+    return t
 
 
-def _unpin(t: torch.Tensor, chunks: list[int]) -> None:
+def _unpin(raw: torch.Tensor, chunks: list[int]) -> None:
     for p in chunks:
         torch.cuda.cudart().cudaHostUnregister(p)
