@@ -348,6 +348,7 @@ def main():
         C.log("  overlap", {k: round(v, 3) if isinstance(v, float) else v for k, v in r["overlap"].items()
                             if not isinstance(v, list)})
         results["shapes"][name] = r
+        C.save("host_tier", results)  # after every part: a run cut short keeps what it measured
         del model
         C.free()
     model = random_model(C.SHAPES[a.churn_shape], DEV, dtype, 0)
@@ -361,7 +362,7 @@ def main():
         r = churn(model, a.cache, pages, int(host_gb * 1e9), a.conversations, a.turns, a.zipf, 0, label)
         C.log("  ", {k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()})
         results["churn"][label] = r
-    C.save("host_tier", results)
+        C.save("host_tier", results)
     plot(results, C.results_dir() / "host_tier.png")
 
 
