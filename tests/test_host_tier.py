@@ -1,9 +1,11 @@
 """Host tier on the CPU (a second memory pool): sessions move resident -> host -> ids only under page
 pressure, come back from the host tier bit-identical without a re-prefill, and every tier is counted."""
+import asyncio
+
 import pytest
 from pydantic import ValidationError
 
-from swift_engine import EngineConfig, SamplingParams, StreamingEngine
+from swift_engine import EngineConfig, EngineError, SamplingParams, StreamingEngine
 from swift_engine.models.tiny import TINY_CONFIG
 
 # tiny model, page_size 8: one page of k and v over 2 layers, 2 KV heads of 16 float32 = 4 KiB
@@ -79,6 +81,27 @@ async def test_the_idle_bound_forgets_ids_only_sessions_not_host_tier_ones():
         await turn(e, sid, seed=len(sid))
     await turn(e, "e", seed=5)  # c to the host tier (b falls to ids only); the trim forgot a
     assert not e.has_session("a") and e.has_session("c") and "c" in e.held_sessions()
+    e.shutdown()
+
+
+async def test_a_failed_step_sends_a_queued_host_tier_session_back_to_its_ids():
+    e = make(host_cache_bytes=4 * SESSION_PAGES * PAGE_BYTES, max_running=1)
+    for sid in ["s", "a", "b"]:
+        await turn(e, sid, seed=len(sid))
+    assert e.stats().sessions_host >= 1 and "s" not in e.resident_sessions()
+    real_run = e.core.runner.run
+
+    def broken(*args, **kw):
+        e.core.runner.run = real_run
+        raise RuntimeError("injected device fault")
+
+    e.core.runner.run = broken  # fails "a"'s step while the turn of "s" waits (max_running 1)
+    results = await asyncio.gather(turn(e, "a", n=3), turn(e, "s", n=3), return_exceptions=True)
+    assert all(isinstance(r, EngineError) for r in results)
+    assert not e.core.host.holds("s")  # one way back after a failure: its retained ids
+    before = e.stats()
+    assert len(await turn(e, "s", n=3)) == GREEDY.max_tokens
+    assert (e.stats().reprefills - before.reprefills, e.stats().reloads - before.reloads) == (1, 0)
     e.shutdown()
 
 

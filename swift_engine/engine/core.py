@@ -288,6 +288,7 @@ class EngineCore:
         for req in self.scheduler.take_all():
             session = self.sessions[req.session_id]
             self.cache.release(session.table)  # the failed step may have left pages half-written
+            self.host.discard(session.id)  # one way back for all of them: the retained ids
             session.needs_reprefill = bool(session.retained())
             session.pending = None
             self._complete(req, finish_reason="error", text=message)
