@@ -168,7 +168,9 @@ def overlap(model, L: int, batch: int, reps: int, steady_steps: int) -> dict:
     for i in range(reps):
         t = time.perf_counter()
         back = C.submit_generate(core, "back", C.random_ids(32, core.vocab_size, 50 + i), 1)
-        while back.fed == 0:  # steps while its pages arrive (the first one also queues the copies)
+        for _ in range(10_000):  # steps while its pages arrive (the first one also queues the copies)
+            if back.fed:
+                break
             ms = timed_step(core)
             if back.fed == 0:
                 during_in.append(ms)
