@@ -31,6 +31,9 @@ from .session import Session
 # device staging per copy chunk: few chunks (each costs ~10 launches of the engine thread's time) and
 # a scatter/gather kernel well under a decode step; 7B: 8 chunks per 2 GiB session
 STAGING_BYTES = 256 << 20
+# one host<->device copy at most: a decode step's own small copies (metadata in, sampled ids out) may
+# queue behind one on the copy engine, so keep it well under a step (~0.3 ms of PCIe 5)
+COPY_BYTES = 16 << 20
 PIN_CHUNK = 1 << 30  # pinned in 1 GiB registrations (one huge one can take seconds without a sign of life)
 
 
@@ -68,6 +71,7 @@ class HostTier:
         self.entries: OrderedDict[str, HostEntry] = OrderedDict()  # least recently offloaded first
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         n_stage = max(1, min(STAGING_BYTES // self.page_bytes, self.num_pages))
+        self.copy_pages = max(1, COPY_BYTES // self.page_bytes)
         self.staging = torch.empty(n_stage, self.page_bytes, dtype=torch.uint8, device=device) \
             if self.num_pages else None
         self.leaving: deque[tuple[object, list[int]]] = deque()  # (copy done, pool pages) of offloads
@@ -109,7 +113,7 @@ class HostTier:
         stage = self.staging[:len(host)]
         for t, part in zip(pool_tensors(self.cache), self._parts(stage)):
             part.copy_(paged(t, self.cache.P).index_select(1, idx).transpose(0, 1))
-        for a, b, h in runs(host):
+        for a, b, h in runs(host, self.copy_pages):
             self.host[h:h + b - a].copy_(stage[a:b], non_blocking=True)
 
     # ---- host -> pool ---------------------------------------------------------------
@@ -135,7 +139,7 @@ class HostTier:
 
     def _in(self, host: list[int], idx: torch.Tensor) -> None:
         stage = self.staging[:len(host)]
-        for a, b, h in runs(host):
+        for a, b, h in runs(host, self.copy_pages):
             stage[a:b].copy_(self.host[h:h + b - a], non_blocking=True)
         for t, part in zip(pool_tensors(self.cache), self._parts(stage)):
             paged(t, self.cache.P).index_copy_(1, idx, part.transpose(0, 1))
@@ -212,11 +216,12 @@ def paged(t: torch.Tensor, page_size: int) -> torch.Tensor:
     return t.view(t.shape[0], t.shape[1] // page_size, -1)
 
 
-def runs(pages: list[int]):
-    """(start, end, first page) of each run of consecutive pages in the list: one copy each."""
+def runs(pages: list[int], most: int):
+    """(start, end, first page) of each run of consecutive pages in the list, `most` pages at most:
+    one copy each."""
     a = 0
     for i in range(1, len(pages) + 1):
-        if i == len(pages) or pages[i] != pages[i - 1] + 1:
+        if i == len(pages) or pages[i] != pages[i - 1] + 1 or i - a == most:
             yield a, i, pages[a]
             a = i
 
