@@ -253,8 +253,8 @@ def churn(model, L: int, pages: int, host_bytes: int, convs: int, turns: int, zi
     st = view_of(core).stats
     ttft = [ms for _, ms in rows]
     by = {k: [ms for t, ms in rows if t == k] for k in ("resident", "host", "ids")}
-    r = dict(label=label, conversations=convs, turns=len(rows), zipf_s=zipf_s, host_bytes_total=st.host_bytes_total,
-             host_bytes_used=st.host_bytes_used, pool_bytes=core.cache.num_pages * core.host.page_bytes,
+    r = dict(label=label, conversations=convs, turns=len(rows), zipf_s=zipf_s, host_cache_bytes_total=st.host_cache_bytes_total,
+             host_cache_bytes_used=st.host_cache_bytes_used, pool_bytes=core.cache.num_pages * core.host.page_bytes,
              pool_bytes_used=st.pages_used * core.host.page_bytes,
              sessions_resident=st.sessions_resident, sessions_host=st.sessions_host,
              sessions_ids_only=st.sessions_ids_only, sessions_warm=st.sessions_resident + st.sessions_host,

@@ -63,7 +63,7 @@ class ServerMetrics:
         self.resident.set(stats.sessions_resident)
         self.host.set(stats.sessions_host)
         self.ids_only.set(stats.sessions_ids_only)
-        self.host_bytes.set(stats.host_bytes_used)
+        self.host_bytes.set(stats.host_cache_bytes_used)
         self.running.set(stats.sessions_running)
         self.pages_used.set(stats.pages_used)
         self.pages_total.set(stats.pages_total)

@@ -53,7 +53,7 @@ async def test_tiers_lru_bounds_and_stats():
         await turn(e, sid, seed=len(sid))
     st = e.stats()  # a: host; b, c: resident
     assert (st.sessions_resident, st.sessions_host, st.sessions_ids_only) == (2, 1, 0)
-    assert st.host_bytes_total == SESSION_PAGES * PAGE_BYTES and 0 < st.host_bytes_used <= st.host_bytes_total
+    assert st.host_cache_bytes_total == SESSION_PAGES * PAGE_BYTES and 0 < st.host_cache_bytes_used <= st.host_cache_bytes_total
     await turn(e, "d", seed=4)  # b goes to the host tier; full, so a (least recently offloaded) falls to ids
     st = e.stats()
     assert (st.sessions_resident, st.sessions_host, st.sessions_ids_only) == (2, 1, 1)
@@ -71,7 +71,7 @@ async def test_a_session_larger_than_the_host_tier_falls_to_ids_only():
     for sid in ["a", "b", "c"]:
         await turn(e, sid, seed=len(sid))
     st = e.stats()
-    assert (st.sessions_host, st.sessions_ids_only, st.offloads, st.host_bytes_used) == (0, 1, 0, 0)
+    assert (st.sessions_host, st.sessions_ids_only, st.offloads, st.host_cache_bytes_used) == (0, 1, 0, 0)
     e.shutdown()
 
 

@@ -28,8 +28,8 @@ class EngineStats:
     offloads: int   # ... of them to the host tier
     reloads: int    # host tier -> pool, instead of a re-prefill
     host_drops: int  # host tier full: its least recently offloaded session fell to ids only
-    host_bytes_used: int
-    host_bytes_total: int
+    host_cache_bytes_used: int
+    host_cache_bytes_total: int
     reprefills: int
     tokens_generated: int
 
@@ -63,6 +63,6 @@ def view_of(core: EngineCore) -> EngineView:
         sessions_ids_only=len(core.sessions) - with_pages - len(host.entries),
         sessions_known=len(core.sessions), sessions_running=running, queue_depth=len(sched.waiting),
         evictions=sched.evictions, offloads=host.offloads, reloads=host.reloads, host_drops=host.drops,
-        host_bytes_used=host.bytes_used, host_bytes_total=host.num_pages * host.page_bytes,
+        host_cache_bytes_used=host.bytes_used, host_cache_bytes_total=host.num_pages * host.page_bytes,
         reprefills=core.reprefills, tokens_generated=core.tokens_generated)
     return EngineView(stats, tuple(resident), tuple(resident + in_host))
