@@ -340,7 +340,7 @@ def main():
         a.shapes, a.churn_shape, a.cache, a.reps, a.batch = ["tiny"], "tiny", 64, 2, 2
         a.conversations, a.turns, a.host_gb = 40, 60, 0.0003
     dtype = torch.bfloat16 if CUDA else torch.float32
-    results = dict(S=S, cache_tokens=a.cache, shapes={}, device=C.env_info())
+    results = dict(S=S, cache_tokens=a.cache, shapes={})
     for name in a.shapes:
         C.log(f"== {name}")
         model = random_model(C.SHAPES[name], DEV, dtype, 0)
