@@ -40,12 +40,16 @@ class ServerMetrics:
         self.evictions = _counter("swiftserve_cache_evictions", "idle sessions evicted from the cache (LRU)")
         self.commit_failures = _counter("swiftserve_commit_failures", "turns not committed", "reason")
         self.resident = _gauge("swiftserve_sessions_resident", "sessions whose cache is resident")
+        self.host = _gauge("swiftserve_sessions_host", "sessions whose cache pages are in the host tier")
+        self.ids_only = _gauge("swiftserve_sessions_ids_only", "sessions holding retained ids only")
+        self.host_bytes = _gauge("swiftserve_host_cache_bytes_used", "host tier bytes in use")
         self.running = _gauge("swiftserve_sessions_running", "sessions running a turn")
         self.pages_used = _gauge("swiftserve_cache_pages_used", "KV cache pages in use")
         self.pages_total = _gauge("swiftserve_cache_pages_total", "KV cache pages in the pool")
         self._evictions_seen = 0
         counters = (self.tokens, self.claims, self.evictions)
-        gauges = (self.resident, self.running, self.pages_used, self.pages_total)
+        gauges = (self.resident, self.host, self.ids_only, self.host_bytes, self.running, self.pages_used,
+                  self.pages_total)
         for m in (self.ttft, self.itl, self.reprefill_ms, self.commit_ms, self.commit_failures, self.reprefills,
                   *counters, *gauges):
             m.set_default_tags({"model": model, "replica": replica})
@@ -69,6 +73,9 @@ class ServerMetrics:
     def engine_state(self, stats) -> None:
         """Gauges from the engine's stats, and evictions as a counter (the engine keeps a running total)."""
         self.resident.set(stats.sessions_resident)
+        self.host.set(stats.sessions_host)
+        self.ids_only.set(stats.sessions_ids_only)
+        self.host_bytes.set(stats.host_cache_bytes_used)
         self.running.set(stats.sessions_running)
         self.pages_used.set(stats.pages_used)
         self.pages_total.set(stats.pages_total)

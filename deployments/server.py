@@ -350,13 +350,14 @@ class LLMServer:
     def record_routing_stats(self) -> dict:
         st = self.engine.stats()
         self.metrics.engine_state(st)
-        resident = self.engine.resident_sessions()
-        # idle sessions' pages are not free (routing.capacity): placing there would evict a conversation
+        # held: resident and host-tier sessions (cheap to resume here, so routed here); only the resident
+        # ones use pages. Idle sessions' pages are not free (routing.capacity): placing there would evict one
+        held = self.engine.held_sessions()
         return {"replica_id": self.replica_id, "free_pages": st.pages_free, "live_pages": st.pages_live,
                 "total_pages": st.pages_total, "running": st.sessions_running,
                 "max_running": self.args.engine.max_running, "resident": st.sessions_resident,
-                "sessions": pack_sessions(resident),
-                "epochs": pack_epochs({sid: self.epochs.get(sid, 0) for sid in resident}),
+                "host": st.sessions_host, "sessions": pack_sessions(held),
+                "epochs": pack_epochs({sid: self.epochs.get(sid, 0) for sid in held}),
                 "min_free_pages": st.pages_to_admit}
 
     def record_autoscaling_stats(self) -> dict[str, float]:

@@ -11,8 +11,9 @@ Stats contract (what a replica returns from `record_routing_stats`):
      "live_pages": int,        # pages needed now (routing.capacity: the autoscaling load)
      "total_pages": int,
      "running": int, "max_running": int,
-     "resident": int,          # sessions whose cache the replica holds
-     "sessions": list[int],    # pack_sessions(...) of those sessions
+     "resident": int,          # sessions whose cache pages the replica holds
+     "host": int,              # optional: sessions whose pages sit in its host tier (use no pages)
+     "sessions": list[int],    # pack_sessions(...) of both: they resume there without a re-prefill
      "epochs": list[int],      # optional: pack_epochs(...), aligned with "sessions"
      "min_free_pages": int}    # optional: pages a new session needs (default 1)
 

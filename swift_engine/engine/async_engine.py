@@ -219,6 +219,10 @@ class StreamingEngine:
     def resident_sessions(self) -> list[str]:
         return list(self._view.resident)
 
+    def held_sessions(self) -> list[str]:
+        """Resident sessions and those in the host tier: both resume here without a re-prefill."""
+        return list(self._view.held)
+
     def stats(self) -> EngineStats:
         return self._view.stats
 

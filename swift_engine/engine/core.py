@@ -18,6 +18,7 @@ from ..sampling import Sampler
 from ..tokenizer import ChatTokenizer, IncrementalDetokenizer, StopStringMatcher
 from .cache import SinkWindowCache, page_bytes
 from .cache_fit import fit_cache_to_model
+from .host_tier import HostTier
 from .idle import IdleBound
 from .idle_cache import CacheAgeing
 from .model_runner import ModelRunner
@@ -49,7 +50,8 @@ class EngineCore:
         config = fit_cache_to_model(config, a)
         self.config, self.model, self.tokenizer = config, model, tokenizer
         self.cache = kv_cache_for(config, model)
-        self.scheduler = Scheduler(self.cache, config.max_batch_tokens, config.max_running)
+        self.host = HostTier(self.cache, config.host_cache_bytes)
+        self.scheduler = Scheduler(self.cache, config.max_batch_tokens, config.max_running, self.host)
         if not self.scheduler.can_ever_fit():
             raise CapacityError(f"num_pages={self.cache.num_pages} cannot hold one session: it needs "
                                 f"{self.scheduler.reserve} pages of {config.page_size} tokens")
@@ -66,7 +68,7 @@ class EngineCore:
     # ---- submission -------------------------------------------------------
     def submit(self, req: Request, messages: list[dict] | None = None) -> None:
         """Validate and queue. Raises typed errors; on error nothing changes."""
-        self.idle.trim(self.sessions, keep=req.session_id)
+        self.idle.trim(self.sessions, keep=req.session_id, in_host=self.host.holds)
         session = self.sessions.get(req.session_id)
         if session is not None and session.running:
             raise SessionBusyError(f"session {req.session_id!r} already has a request running")
@@ -136,6 +138,7 @@ class EngineCore:
         if session.running:
             raise SessionBusyError(f"session {session_id!r} has a request running")
         self.cache.release(session.table)
+        self.host.discard(session_id)
         del self.sessions[session_id]
         return True
 
@@ -157,8 +160,11 @@ class EngineCore:
         batch = self._schedule()
         if batch:
             self._postprocess(batch, self._run(batch))
+        elif self.host.busy():  # all that can run waits for host-tier copies: wait for them, not spin
+            self.host.wait()
 
     def _schedule(self) -> list[tuple[Request, int]]:
+        self.host.poll()
         for req in self.scheduler.take_aborted():
             self._complete(req, finish_reason="cancelled")
         for req in self.scheduler.admit(self.sessions):
@@ -182,6 +188,8 @@ class EngineCore:
     def _start(self, req: Request) -> None:
         session = self.sessions[req.session_id]
         replay = session.replay_prefix()
+        if self.host.holds(session.id):  # copied back, not re-prefilled: it runs once its pages arrived
+            self.host.reload(session.id, session.table)
         if session.needs_reprefill:
             self.cache.release(session.table)
             self.reprefills += 1
@@ -285,6 +293,7 @@ class EngineCore:
                 session.messages_digest = chain_digest(session.messages_digest, consumed)
                 session.messages_consumed += len(consumed)
         if finish_reason == "cancelled" and req.fed < req.n_replay:
+            self.host.wait()  # its pages may still be arriving from the host tier
             self.cache.release(session.table)  # replay cut short: re-prefill the retained ids next time
             session.needs_reprefill = True
         session.running = False
@@ -296,9 +305,11 @@ class EngineCore:
 
     def fail_all(self, message: str) -> None:
         """A step raised: end every request with an error; their sessions re-prefill from retained ids."""
+        self.host.wait()
         for req in self.scheduler.take_all():
             session = self.sessions[req.session_id]
             self.cache.release(session.table)  # the failed step may have left pages half-written
+            self.host.discard(session.id)  # one way back for all of them: the retained ids
             session.needs_reprefill = bool(session.retained())
             session.pending = None
             self._complete(req, finish_reason="error", text=message)

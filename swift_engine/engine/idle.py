@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from typing import Callable
 
 from .session import Session
 
@@ -33,17 +34,19 @@ class IdleBound:
                 session.held_until = time.monotonic() + HOLD_S
             return session is not None
 
-    def trim(self, sessions: "OrderedDict[str, Session]", keep: str) -> None:
+    def trim(self, sessions: "OrderedDict[str, Session]", keep: str, in_host: Callable[[str], bool]) -> None:
         """Forget idle sessions past the count bound (least recently used first: `sessions` is
         LRU-ordered) and those idle longer than the age bound; never `keep` (being submitted) nor
-        a held one (so the count may be exceeded by sessions whose turn is on its way)."""
+        a held one (so the count may be exceeded by sessions whose turn is on its way), nor one in
+        the host tier (bounded by its bytes; it falls to ids only from there)."""
         now = time.monotonic()
         if len(sessions) <= self.max_idle and now - self.checked_at < CHECK_EVERY_S:
             return
         self.checked_at = now
         with self.lock:
             idle = [sid for sid, s in sessions.items()
-                    if sid != keep and not s.running and not s.table.pages and s.held_until < now]
+                    if sid != keep and not s.running and not s.table.pages and s.held_until < now
+                    and not in_host(sid)]
             excess = len(idle) - self.max_idle
             for i, sid in enumerate(idle):
                 if i < excess or now - sessions[sid].last_used > self.ttl:

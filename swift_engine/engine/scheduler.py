@@ -1,5 +1,8 @@
 """Admission (page reservation, LRU eviction of idle sessions) and per-step batch selection.
 
+Eviction moves an idle session's pages to the host tier (engine/host_tier.py) when it has
+room, else drops them (the session keeps its ids and re-prefills them on its next turn).
+
 Every admitted request reserves the most pages its session can need, so a
 running request never meets a full pool mid-turn: new work waits instead.
 """
@@ -8,13 +11,14 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 
 from .cache import SinkWindowCache, running_pages
+from .host_tier import HostTier
 from .request import Request
 from .session import Session
 
 
 class Scheduler:
-    def __init__(self, cache: SinkWindowCache, max_batch_tokens: int, max_running: int):
-        self.cache = cache
+    def __init__(self, cache: SinkWindowCache, max_batch_tokens: int, max_running: int, host: HostTier):
+        self.cache, self.host = cache, host
         self.max_batch_tokens = max_batch_tokens
         self.max_running = max_running
         self.reserve = running_pages(cache.S, cache.W, cache.P, max_batch_tokens)
@@ -74,30 +78,36 @@ class Scheduler:
         return sum(self.reserve - sessions[r.session_id].table.pages for r in self.running)
 
     def _make_room(self, need: int, sessions: "OrderedDict[str, Session]") -> bool:
-        while len(self.cache.free) - self._outstanding(sessions) < need:
+        """Evict until the pages are free, counting pages still being copied to the host tier as
+        coming (no more evictions for them); False while they are not all back yet."""
+        while len(self.cache.free) + self.host.pages_leaving() - self._outstanding(sessions) < need:
             victim = next((s for s in sessions.values()
                            if not s.running and s.table.pages and not s.needs_reprefill), None)
             if victim is None:
                 return False
             self.evict_session(victim)  # least recently used first: `sessions` is LRU-ordered
-        return True
+        return len(self.cache.free) - self._outstanding(sessions) >= need
 
     def evict_session(self, session: Session) -> None:
-        """Take an idle session's pages from the pool; its next turn rebuilds them from its retained ids.
-        The one place pages of an idle session leave the GPU (page pressure, and any later policy)."""
-        self.cache.release(session.table)
-        session.needs_reprefill = True
+        """Take an idle session's pages from the pool: to the host tier when it can hold them (the
+        sessions it drops for room fall to ids only), else released (its next turn re-prefills its
+        retained ids). The one place pages of an idle session leave the GPU (page pressure, and any
+        later policy)."""
+        if not self.host.offload(session):
+            self.cache.release(session.table)
+            session.needs_reprefill = True
         self.evictions += 1
 
     def select(self) -> list[tuple[Request, int]]:
         """(request, tokens this step): all decodes first, then prefill chunks under the budget."""
         budget = self.max_batch_tokens
         batch = []
-        for req in self.running:
+        running = [r for r in self.running if self.host.arrived(r.session_id)]  # not while pages arrive
+        for req in running:
             if req.phase == "decode" and budget > 0:
                 batch.append((req, 1))
                 budget -= 1
-        for req in self.running:
+        for req in running:
             if req.phase == "prefill" and budget > 0 and req.remaining > 0:
                 n = min(req.remaining, budget)
                 batch.append((req, n))

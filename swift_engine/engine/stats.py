@@ -19,14 +19,21 @@ class EngineStats:
     pages_total: int
     pages_free: int
     pages_used: int
-    pages_evictable: int  # held by idle sessions: LRU eviction can free them
+    pages_evictable: int  # held by idle sessions (LRU eviction can free them) or on their way to the host tier
     pages_live: int       # needed now: running sessions' pages, idle ones' weighted by age (idle_cache.live_weight)
     pages_to_admit: int   # free pages (after eviction) a session needs to start a turn
-    sessions_resident: int
+    sessions_resident: int  # tiers (engine/host_tier.py): cache pages in the pool,
+    sessions_host: int      # pages copied to the host tier,
+    sessions_ids_only: int  # retained ids only (re-prefilled on their next turn)
     sessions_known: int
     sessions_running: int
     queue_depth: int
-    evictions: int
+    evictions: int  # sessions whose pages left the pool: offloaded to the host tier or dropped
+    offloads: int   # ... of them to the host tier
+    reloads: int    # host tier -> pool, instead of a re-prefill
+    host_drops: int  # host tier full: its least recently offloaded session fell to ids only
+    host_cache_bytes_used: int
+    host_cache_bytes_total: int
     reprefills: int
     tokens_generated: int
 
@@ -35,15 +42,18 @@ class EngineStats:
 class EngineView:
     stats: EngineStats
     resident: tuple[str, ...]  # sessions holding cache pages or running
+    held: tuple[str, ...]      # those and the sessions in the host tier (cheap to resume here)
 
 
 def view_of(core: EngineCore) -> EngineView:
     """One pass over the sessions (engine thread only)."""
-    resident, with_pages, evictable, running, live = [], 0, 0, 0, 0.0
-    now, ttl = time.monotonic(), core.config.idle_cache_ttl_s
+    resident, in_host, with_pages, evictable, running, live = [], [], 0, 0, 0, 0.0
+    now, ttl, host = time.monotonic(), core.config.idle_cache_ttl_s, core.host
     for sid, s in core.sessions.items():
         if s.table.pages or s.running:
             resident.append(sid)
+        elif host.holds(sid):
+            in_host.append(sid)
         with_pages += bool(s.table.pages)
         if s.running:
             running += 1
@@ -54,8 +64,11 @@ def view_of(core: EngineCore) -> EngineView:
     cache, sched = core.cache, core.scheduler
     stats = EngineStats(
         pages_total=cache.num_pages, pages_free=len(cache.free), pages_used=cache.num_pages - len(cache.free),
-        pages_evictable=evictable, pages_live=round(live), pages_to_admit=sched.reserve,
-        sessions_resident=with_pages,
+        pages_evictable=evictable + host.pages_leaving(), pages_live=round(live), pages_to_admit=sched.reserve,
+        sessions_resident=with_pages, sessions_host=len(host.entries),
+        sessions_ids_only=len(core.sessions) - with_pages - len(host.entries),
         sessions_known=len(core.sessions), sessions_running=running, queue_depth=len(sched.waiting),
-        evictions=sched.evictions, reprefills=core.reprefills, tokens_generated=core.tokens_generated)
-    return EngineView(stats, tuple(resident))
+        evictions=sched.evictions, offloads=host.offloads, reloads=host.reloads, host_drops=host.drops,
+        host_cache_bytes_used=host.bytes_used, host_cache_bytes_total=host.num_pages * host.page_bytes,
+        reprefills=core.reprefills, tokens_generated=core.tokens_generated)
+    return EngineView(stats, tuple(resident), tuple(resident + in_host))
