@@ -12,7 +12,8 @@ Stats contract (what a replica returns from `record_routing_stats`):
      "resident": int,          # sessions whose cache the replica holds
      "sessions": list[int],    # pack_sessions(...) of those sessions
      "epochs": list[int],      # optional: pack_epochs(...), aligned with "sessions"
-     "min_free_pages": int}    # optional: pages a new session needs (default 1)
+     "min_free_pages": int,    # optional: pages a new session needs (default 1)
+     "pinned": list[str]}      # optional: pinned_key(...) of the pinned regions it holds
 
 Epochs are the ownership epochs of the replica's copies (the store's claim
 counter; any per-session counter that grows on every move will do). When a
@@ -24,6 +25,9 @@ from __future__ import annotations
 
 import bisect
 import enum
+import hashlib
+import itertools
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -93,6 +97,15 @@ def held_epoch(stats: Mapping[str, Any], session_id: str) -> int | None:
     return int(epochs[i]) if len(epochs) == len(keys) else 0
 
 
+def pinned_key(model: str, messages: Sequence[Mapping[str, str]]) -> str | None:
+    """Content key of the system prompt a new chat session pins (its leading system messages), or None.
+    The ingress puts it on the request; a replica reports the keys of the pinned regions it holds."""
+    system = [[m["role"], m["content"]] for m in itertools.takewhile(lambda m: m["role"] == "system", messages)]
+    if not system:
+        return None
+    return hashlib.sha256(json.dumps([model, system]).encode()).hexdigest()[:32]
+
+
 def hrw_weight(session_id: str, replica_id: str) -> int:
     """Rendezvous weight of a replica for a session: the highest weight wins."""
     return mmh3.hash64(
@@ -135,6 +148,7 @@ def decide(
     session_id: str | None,
     candidates: Sequence[Candidate],
     recent: str | None = None,
+    pinned: str | None = None,
 ) -> Decision:
     """Pick replicas for one request; see DESIGN.md "Routing" for the rules.
 
@@ -143,8 +157,10 @@ def decide(
        never move. `recent`, the replica this router sent the session to a
        moment ago, counts as a holder while no stats show one: stats lag a
        polling period, and a ring change inside that lag must not move it.
-    2. No holder: the HRW-first replica that is not full; if all are full,
-       the HRW-first of all (it must evict). One target only, so that every
+    2. No holder: the HRW-first replica that is not full, among those that
+       hold the session's pinned region (`pinned`, a pinned_key) if any do:
+       its prompt is then not prefilled again; if all are full, the
+       HRW-first of all (it must evict). One target only, so that every
        router places a new session on the same replica.
     3. No session id: all replicas, least running first (ties by id).
     """
@@ -168,4 +184,5 @@ def decide(
         kind = Kind.BACKOFF if _busy(by_id[holder]) else Kind.OWNER
         return Decision(kind, (holder,))
     open_ = [r for r in order if not _full(by_id[r])]
-    return Decision(Kind.RING, ((open_ or order)[0],))
+    warm = [r for r in open_ if pinned and pinned in (by_id[r].get("pinned") or ())]
+    return Decision(Kind.RING, ((warm or open_ or order)[0],))

@@ -205,6 +205,10 @@ class StreamingEngine:
     def resident_sessions(self) -> list[str]:
         return list(self._view.resident)
 
+    def pinned_regions(self) -> list[str]:
+        """pinned_hash of every pinned region this engine holds."""
+        return list(self._view.pinned)
+
     def stats(self) -> EngineStats:
         return self._view.stats
 

@@ -23,6 +23,7 @@ class EngineStats:
     sessions_running: int
     queue_depth: int
     evictions: int
+    pages_shared: int     # pages sessions would hold on top without sharing pinned regions (engine/pinned.py)
     reprefills: int
     tokens_generated: int
 
@@ -31,6 +32,7 @@ class EngineStats:
 class EngineView:
     stats: EngineStats
     resident: tuple[str, ...]  # sessions holding cache pages or running
+    pinned: tuple[str, ...]    # content hashes (pinned_hash) of the pinned regions held
 
 
 def view_of(core: EngineCore) -> EngineView:
@@ -50,5 +52,5 @@ def view_of(core: EngineCore) -> EngineView:
         pages_evictable=evictable, pages_to_admit=sched.reserve,
         sessions_resident=with_pages,
         sessions_known=len(core.sessions), sessions_running=running, queue_depth=len(sched.waiting),
-        evictions=sched.evictions, reprefills=core.reprefills, tokens_generated=core.tokens_generated)
-    return EngineView(stats, tuple(resident))
+        evictions=sched.evictions, pages_shared=cache.pinned.pages_saved(), reprefills=core.reprefills, tokens_generated=core.tokens_generated)
+    return EngineView(stats, tuple(resident), tuple(cache.pinned.regions))
