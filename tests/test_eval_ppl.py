@@ -185,3 +185,12 @@ def test_training_recipe_writes_a_checkpoint_the_engine_and_hf_load(tmp_path):
     assert (ppl.score_dense(ours, ids, len(ids)) - want).abs().max() <= 1e-4
     assert (ppl.score_streaming(ours, ids, 1, 4, chunk=3)[:4] - want[:4]).abs().max() <= 1e-4
     assert np.fromfile(data / "train.bin", dtype=np.uint16).max() < cfg["vocab_size"]
+
+
+def test_pinned_mode_equals_the_reference_with_N_sinks(pair):
+    """Pinning the stream's first N tokens (the served path: pinned_tokens) is N sinks, exactly."""
+    _, ours = pair
+    ids = random_ids(70, 4)
+    [res] = ppl.evaluate(ours, ids, [Run.parse("pinned:20+12")], chunk=16, progress=False)
+    assert res.run.label == "pinned 20+12"
+    assert (res.logprobs - gather(reference_logits(ours, ids, 20, 12), ids)).abs().max() <= 1e-4
