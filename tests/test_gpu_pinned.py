@@ -16,15 +16,21 @@ S, W, PAGE, P = 4, 60, 16, 75
 PLAIN = "plain"  # a session with the usual S sinks in the same batches
 
 
-def shared_pinned_logits(base, device, dtype, backend, laps=3):
-    """Four sessions on one pinned copy plus one plain session, chunks then decodes; returns (logits
-    per session, streams, runner). Checked on the CPU torch path too (float32, laps=1): every session
-    within 5e-7 of the reference."""
-    a = base.args
+def make_streams(laps: int) -> dict:
+    """Four streams that start with the same P tokens, and one plain stream."""
     rnd = random.Random(3)
     pinned = [rnd.randrange(512) for _ in range(P)]
     streams = {s: pinned + [rnd.randrange(512) for _ in range(laps * (P + W))] for s in range(4)}
     streams[PLAIN] = [rnd.randrange(512) for _ in range(laps * (S + W) + 40)]
+    return streams
+
+
+def shared_pinned_logits(base, streams, device, dtype, backend):
+    """Sessions 0-3 on one pinned copy plus the plain session, chunks then decodes; returns (logits per
+    session, runner). Checked on the CPU torch path too (float32, one lap): every session within 5e-7
+    of the reference."""
+    a = base.args
+    rnd = random.Random(4)
     cache = SinkWindowCache(S, W, PAGE, 1024, (a.num_layers, a.num_kv_heads, a.head_dim), device, dtype,
                             max_pinned_tokens=P)
     runner = ModelRunner(on(base, device, dtype), cache,
@@ -54,26 +60,24 @@ def shared_pinned_logits(base, device, dtype, backend, laps=3):
         n = rnd.choice([1, 1, 1, 1, 7, 33, 64])
         step({s: min(n, k) for s, k in left.items()})
     assert cache.pinned.pages_saved() == 3 * -(-P // PAGE)
-    return got, streams, runner
+    return got, runner
 
 
-def reference_of(base, got, streams):
-    """Worst relative error per session against reference_logits over the positions it computed."""
-    errs = {}
-    for s, pieces in got.items():
-        ref = reference_logits(base, streams[s], S if s == PLAIN else P, W)
-        start = P if pieces[0] is None else 0
-        errs[s] = rel(torch.cat([p for p in pieces if p is not None]), ref[start:])
-    return errs
+@pytest.fixture(scope="module")
+def base_and_refs():
+    """The float32 CPU model and reference_logits of every stream (P sinks; S for the plain one)."""
+    base, streams = cpu_model(CONFIGS["llama-gqa"]), make_streams(laps=3)
+    return base, streams, {s: reference_logits(base, ids, S if s == PLAIN else P, W) for s, ids in streams.items()}
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_and_graphs_read_shared_pinned_pages(dtype):
-    base = cpu_model(CONFIGS["llama-gqa"])
-    got, streams, runner = shared_pinned_logits(base, "cuda", dtype, "triton")
-    errs = reference_of(base, got, streams)
+def test_triton_and_graphs_read_shared_pinned_pages(base_and_refs, dtype):
+    base, streams, refs = base_and_refs
+    got, runner = shared_pinned_logits(base, streams, "cuda", dtype, "triton")
+    errs = {s: rel(torch.cat([p for p in pieces if p is not None]), refs[s][P if pieces[0] is None else 0:])
+            for s, pieces in got.items()}
     print(f"{dtype}: rel err vs reference per session {errs}")
     assert max(errs.values()) <= (1e-4 if dtype == torch.float32 else 2e-2)
     gpu = runner.gpu
