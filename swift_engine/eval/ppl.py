@@ -364,7 +364,8 @@ def plot(rows: list[dict], path: Path, title: str, main_sinks: int = 4, training
     ratios = any(r.get("vs_recompute") for r in rows)
     fig, axes = plt.subplots(1 + ratios, len(caches), figsize=(6.5 * len(caches), 4.5 + 2.8 * ratios),
                              squeeze=False, gridspec_kw={"height_ratios": [1.6, 1][: 1 + ratios]})
-    colors = {"dense": "tab:red", "window": "tab:orange", "recompute": "tab:blue", "streaming": "tab:green"}
+    colors = {"dense": "tab:red", "window": "tab:orange", "recompute": "tab:blue", "streaming": "tab:green",
+              "pinned": "tab:purple"}
     for ax, c in zip(axes[0], caches):
         for r in rows:
             if r["mode"] != "dense" and r["cache"] != c:
