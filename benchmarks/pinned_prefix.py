@@ -6,8 +6,8 @@ session whose prompt is already resident.
   ttft_ms   a new session's first token for a P-token prompt + a U-token user turn: prompt resident
             (its pages are shared, only the U tokens are prefilled) vs not (a prompt no one holds)
 
-    python benchmarks/pinned_prefix.py           # H200: pages at the target shape (0.2B model), TTFT 7B, P = 2,048
-    python benchmarks/pinned_prefix.py --cpu     # CPU: pages at the target shape on the tiny model, no TTFT
+    python benchmarks/pinned_prefix.py           # GPU: 100 sessions (0.2B shape), TTFT 7B shape, P = 2,048
+    python benchmarks/pinned_prefix.py --cpu --sessions 20 --ttft-shape tiny --ttft-pinned 1024   # CPU smoke
 Writes benchmarks/results/<gpu|cpu>/pinned_prefix.json (+ .png).
 """
 from __future__ import annotations
