@@ -1,5 +1,7 @@
 """Pinned regions (engine/pinned.py): the layout equals the StreamingLLM reference with P sinks, sessions
 with the same pinned ids share one copy of its pages, and the counts stay right as sessions come and go."""
+import asyncio
+
 import pytest
 import torch
 
@@ -129,3 +131,21 @@ def test_target_shape_100_sessions_hold_one_copy_of_the_pinned_pages():
     for t in tables:
         cache.release(t)
     assert len(cache.free) == cache.num_pages
+
+
+async def test_pinned_sessions_under_page_pressure_stay_exact():
+    """A pool that holds about one pinned session: turns of three sessions queue, idle ones are evicted
+    (their shared copy goes when the last holder does) and come back exactly."""
+    e = make(num_pages=12, max_batch_tokens=16)  # a pinned session reserves 8 pages, a plain one 7
+    turns = {f"p{i}": SYSTEM + ids(12, 20 + i) for i in range(3)}
+
+    async def first(sid, prompt):
+        return [ev async for ev in e.generate(sid, prompt_token_ids=prompt, sampling=GREEDY, pinned_tokens=P)]
+    outs = await asyncio.gather(*(first(sid, p) for sid, p in turns.items()))
+    assert all(o[-1].finish_reason == "length" for o in outs) and e.stats().evictions >= 1
+    for sid in turns:
+        snap = e.snapshot(sid)
+        nxt = ids(6, 30)
+        assert close(await e.score(sid, nxt), reference_lp(e, snap.sink_ids + snap.tail_ids, nxt, P))
+    assert e.stats().reprefills >= 3  # each came back from its retained ids, onto a copy of the region
+    e.shutdown()
