@@ -51,6 +51,9 @@ class AppArgs(BaseModel):
     api_keys_file: str | None = Field(None, min_length=1, description="file holding API keys, same format; "
                                                                       "neither set: no authentication")
     limits: Limits = Field(default_factory=Limits)
+    pin: Literal["none", "system"] = Field(
+        "system", description="chat requests that do not say: a new session pins BOS + its system prompt "
+                              "(never evicted, shared by sessions with the same prompt), or nothing beyond the sinks")
 
     @field_validator("store_url")
     @classmethod

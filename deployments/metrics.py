@@ -46,10 +46,11 @@ class ServerMetrics:
         self.running = _gauge("swiftserve_sessions_running", "sessions running a turn")
         self.pages_used = _gauge("swiftserve_cache_pages_used", "KV cache pages in use")
         self.pages_total = _gauge("swiftserve_cache_pages_total", "KV cache pages in the pool")
+        self.pages_shared = _gauge("swiftserve_cache_pages_shared", "KV pages saved by sharing pinned prompts")
         self._evictions_seen = 0
         counters = (self.tokens, self.claims, self.evictions)
         gauges = (self.resident, self.host, self.ids_only, self.host_bytes, self.running, self.pages_used,
-                  self.pages_total)
+                  self.pages_total, self.pages_shared)
         for m in (self.ttft, self.itl, self.reprefill_ms, self.commit_ms, self.commit_failures, self.reprefills,
                   *counters, *gauges):
             m.set_default_tags({"model": model, "replica": replica})
@@ -79,6 +80,7 @@ class ServerMetrics:
         self.running.set(stats.sessions_running)
         self.pages_used.set(stats.pages_used)
         self.pages_total.set(stats.pages_total)
+        self.pages_shared.set(stats.pages_shared)
         if stats.evictions > self._evictions_seen:
             self.evictions.inc(stats.evictions - self._evictions_seen)
             self._evictions_seen = stats.evictions

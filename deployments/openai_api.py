@@ -14,6 +14,8 @@ from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from routing.affinity import pinned_key
+
 from .auth import KeyRing, scoped_session_id
 from .config import AppArgs
 from .drain import DrainWatch
@@ -141,11 +143,15 @@ class OpenAIIngress:
     async def chat_completions(self, body: ChatCompletionRequest, request: Request, session: SessionHeader = None):
         messages = [Message(role=m.role if m.role != "developer" else "system", content=m.text())
                     for m in body.messages]
-        return await self._respond(body, request, session, "chat.completion", messages=messages)
+        pin = body.pin or self.args.pin
+        key = pinned_key(self.args.model_id, [m.model_dump() for m in messages]) if pin == "system" else None
+        return await self._respond(body, request, session, "chat.completion", messages=messages, pin=pin,
+                                   pinned_key=key)
 
     @app.post("/v1/completions", responses={**STREAMED, **error_responses(404, 409, 503)})
     async def completions(self, body: CompletionRequest, request: Request, session: SessionHeader = None):
-        return await self._respond(body, request, session, "text_completion", prompt=body.prompt)
+        return await self._respond(body, request, session, "text_completion", prompt=body.prompt,
+                                   pinned_tokens=body.pinned_tokens)
 
     @app.get("/v1/sessions/{session_id:path}", responses=error_responses(404, 503))
     async def get_session(self, session_id: SessionPath, request: Request) -> dict:

@@ -94,6 +94,7 @@ class SamplingFields(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    pin: Literal["none", "system"] | None = None  # ours: a new session pins its system prompt; None: served default
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: _unsupported(None, []) = None
@@ -122,6 +123,7 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: Text = Field(min_length=1)
+    pinned_tokens: int = Field(0, ge=0)  # ours: a new session pins its prompt's first this many tokens
     # OpenAI's completions take an integer here: how many top alternatives to return per token (0-5)
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: _unsupported(None, False) = None

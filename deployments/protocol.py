@@ -1,6 +1,8 @@
 """Typed messages between ingress (or any DeploymentHandle caller) and LLMServer."""
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from swift_engine import SamplingParams
@@ -20,6 +22,11 @@ class ChatRequest(BaseModel):
     messages: list[Message] | None = None
     prompt: str | None = None
     sampling: SamplingParams = Field(default_factory=SamplingParams)
+    pin: Literal["none", "system"] | None = Field(None, description="a new session pins BOS + its system prompt "
+                                                                     "(system) or nothing; None: AppArgs.pin")
+    pinned_tokens: int = Field(0, ge=0, description="a new session's prompt: pin its first this many tokens")
+    pinned_key: str | None = Field(None, description="routing: content key of the system prompt to pin "
+                                                      "(routing.affinity.pinned_key); None: nothing to prefer")
     logprobs: bool = Field(False, description="report each token's log-probability (and sampling.top_logprobs "
                                               "alternatives) in the chunks")
 

@@ -20,7 +20,7 @@ from routing.affinity import pack_epochs, pack_sessions
 from routing.store import (QuotaExceededError, SessionRecord, StaleEpochError, StoreError, StoreUnavailableError,
                            retry_commit)
 from swift_engine import (CapacityError, EngineError, HistoryMismatchError, InvalidRequestError, SessionBusyError,
-                          SessionSnapshot, StreamingEngine, UnknownSessionError, chain_digest)
+                          SessionSnapshot, StreamingEngine, UnknownSessionError, chain_digest, pinned_hash)
 
 from .autoscaling import autoscaling_stats
 from .config import AppArgs
@@ -63,6 +63,7 @@ class LLMServer:
         self.write_through: asyncio.Task | None = None
         self.unreachable = False  # relaxed: the store failed lately; no turn waits on it until the write-through
         self.metrics = ServerMetrics(self.args.model_id, self.replica_id)
+        self.pinned_keys: dict[str, str] = {}  # routing.affinity.pinned_key -> the engine's pinned_hash
 
     # ---- the turn ---------------------------------------------------------
     async def chat(self, request: ChatRequest | dict) -> AsyncIterator[ChatChunk]:
@@ -107,7 +108,8 @@ class LLMServer:
         start = last = time.perf_counter()
         text: list[str] = []
         try:
-            kw = {"messages": messages} if messages is not None else {"prompt_token_ids": self._encode(req.prompt)}
+            kw = dict(messages=messages, pin=req.pin or self.args.pin) if messages is not None else \
+                dict(prompt_token_ids=self._encode(req.prompt), pinned_tokens=req.pinned_tokens)
             async for ev in self.engine.generate(sid, sampling=req.sampling, **kw):
                 now, first = time.perf_counter(), last == start
                 (self.metrics.ttft if first else self.metrics.itl).observe(1000 * (now - last))
@@ -134,6 +136,7 @@ class LLMServer:
                 last_turn = dict(last_request_digest=request_digest, last_reply="".join(text),
                                  last_finish_reason=ev.finish_reason, last_prompt_tokens=ev.usage.prompt_tokens,
                                  last_completion_tokens=ev.usage.completion_tokens)
+                self._learn_pinned(sid, req.pinned_key)
                 try:
                     durable = await self._commit(sid, last_turn) if persisted else True
                 except StoreError as exc:
@@ -146,6 +149,12 @@ class LLMServer:
             if type(exc) is EngineError and persisted:  # a failed step, maybe mid-turn: rebuild from the store
                 await self.drop_cached(sid)
             yield self._error(sid, exc)
+
+    def _learn_pinned(self, sid: str, key: str | None) -> None:
+        """Remember which engine region a request's pinned_key names, for the routing stats."""
+        snap = self.engine.snapshot(sid) if key else None
+        if snap is not None and snap.pinned_tokens:
+            self.pinned_keys[key] = pinned_hash(self.args.engine.model, snap.sink_ids)
 
     def _committed_reply(self, sid: str, messages: list[dict] | None, request_digest: str) -> ChatChunk | None:
         """The stored reply if this request retries the session's last committed turn."""
@@ -350,15 +359,17 @@ class LLMServer:
     def record_routing_stats(self) -> dict:
         st = self.engine.stats()
         self.metrics.engine_state(st)
+        held = self.engine.held_sessions()
+        pinned = set(self.engine.pinned_regions())
+        self.pinned_keys = {k: h for k, h in self.pinned_keys.items() if h in pinned}
         # held: resident and host-tier sessions (cheap to resume here, so routed here); only the resident
         # ones use pages. Idle sessions' pages are not free (routing.capacity): placing there would evict one
-        held = self.engine.held_sessions()
         return {"replica_id": self.replica_id, "free_pages": st.pages_free, "live_pages": st.pages_live,
                 "total_pages": st.pages_total, "running": st.sessions_running,
                 "max_running": self.args.engine.max_running, "resident": st.sessions_resident,
                 "host": st.sessions_host, "sessions": pack_sessions(held),
                 "epochs": pack_epochs({sid: self.epochs.get(sid, 0) for sid in held}),
-                "min_free_pages": st.pages_to_admit}
+                "min_free_pages": st.pages_to_admit, "pinned": sorted(self.pinned_keys)}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         return autoscaling_stats(self.record_routing_stats())

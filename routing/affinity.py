@@ -15,7 +15,8 @@ Stats contract (what a replica returns from `record_routing_stats`):
      "host": int,              # optional: sessions whose pages sit in its host tier (use no pages)
      "sessions": list[int],    # pack_sessions(...) of both: they resume there without a re-prefill
      "epochs": list[int],      # optional: pack_epochs(...), aligned with "sessions"
-     "min_free_pages": int}    # optional: pages a new session needs (default 1)
+     "min_free_pages": int,    # optional: pages a new session needs (default 1)
+     "pinned": list[str]}      # optional: pinned_key(...) of the pinned regions it holds
 
 Epochs are the ownership epochs of the replica's copies (the store's claim
 counter; any per-session counter that grows on every move will do). When a
@@ -27,6 +28,9 @@ from __future__ import annotations
 
 import bisect
 import enum
+import hashlib
+import itertools
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -98,6 +102,15 @@ def held_epoch(stats: Mapping[str, Any], session_id: str) -> int | None:
     return int(epochs[i]) if len(epochs) == len(keys) else 0
 
 
+def pinned_key(model: str, messages: Sequence[Mapping[str, str]]) -> str | None:
+    """Content key of the system prompt a new chat session pins (its leading system messages), or None.
+    The ingress puts it on the request; a replica reports the keys of the pinned regions it holds."""
+    system = [[m["role"], m["content"]] for m in itertools.takewhile(lambda m: m["role"] == "system", messages)]
+    if not system:
+        return None
+    return hashlib.sha256(json.dumps([model, system]).encode()).hexdigest()[:32]
+
+
 def hrw_weight(session_id: str, replica_id: str) -> int:
     """Rendezvous weight of a replica for a session: the highest weight wins."""
     return mmh3.hash64(
@@ -133,6 +146,7 @@ def decide(
     session_id: str | None,
     candidates: Sequence[Candidate],
     recent: str | None = None,
+    pinned: str | None = None,
 ) -> Decision:
     """Pick replicas for one request; see DESIGN.md "Routing" for the rules.
 
@@ -141,15 +155,17 @@ def decide(
        never move. `recent`, the replica this router sent the session to a
        moment ago, counts as a holder while no stats show one: stats lag a
        polling period, and a ring change inside that lag must not move it.
-    2. No holder: the HRW-first of the roomiest replicas: those not full
-       (routing.capacity) with room for at least half as many new sessions
-       as the replica with the most room, and those not reported yet (just
-       started, or stats not here yet: never a reason to pile every new
-       session onto them). So a new replica after scale-up takes the new
-       sessions, while a burst within one stats period still spreads over
-       replicas of similar room. If all are full, the HRW-first of all (it
-       must evict). One target only, so that routers seeing the same stats
-       place a session on the same replica.
+    2. No holder: the HRW-first replica not full (routing.capacity) that
+       holds the session's pinned region (`pinned`, a pinned_key), so its
+       prompt is not prefilled again; if none does, the HRW-first of the
+       roomiest replicas: those not full with room for at least half as
+       many new sessions as the replica with the most room, and those not
+       reported yet (just started, or stats not here yet: never a reason to
+       pile every new session onto them). So a new replica after scale-up
+       takes the new sessions, while a burst within one stats period still
+       spreads over replicas of similar room. If all are full, the
+       HRW-first of all (it must evict). One target only, so that routers
+       seeing the same stats place a session on the same replica.
     3. No session id: all replicas, least running first (ties by id).
     """
     if not session_id:
@@ -172,6 +188,7 @@ def decide(
         kind = Kind.BACKOFF if _busy(by_id[holder]) else Kind.OWNER
         return Decision(kind, (holder,))
     rooms = {r: capacity(by_id[r]).room for r in order}
+    warm = [r for r in order if pinned and rooms[r] and pinned in (by_id[r].get("pinned") or ())]
     most = max((room for room in rooms.values() if room is not None), default=0)
     roomiest = [r for r in order if rooms[r] is None or (rooms[r] > 0 and 2 * rooms[r] >= most)]
-    return Decision(Kind.RING, ((roomiest or order)[0],))
+    return Decision(Kind.RING, ((warm or roomiest or order)[0],))

@@ -88,6 +88,7 @@ class SessionAffinityRouter(RequestRouter):
             session_id,
             [Candidate(rid, r.routing_stats or {}) for rid, r in by_id.items()],
             recent=self._recent.get(session_id, now) if session_id else None,
+            pinned=_pinned_key(pending_request),
         )
         self._count(decision.kind)
         if session_id and decision.kind in (Kind.OWNER, Kind.RING):
@@ -107,6 +108,12 @@ class SessionAffinityRouter(RequestRouter):
     def _count(self, kind: Kind) -> None:
         if self._decisions is not None:
             self._decisions.inc(tags={"decision": kind.value})
+
+
+def _pinned_key(pending_request: PendingRequest | None) -> str | None:
+    """The request's `pinned_key` (deployments.protocol.ChatRequest), when its first argument has one."""
+    args = pending_request.args if pending_request is not None else ()
+    return getattr(args[0], "pinned_key", None) if args else None
 
 
 def _decision_counter(app: str, deployment: str) -> metrics.Counter | None:

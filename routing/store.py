@@ -125,6 +125,8 @@ class SessionRecord(BaseModel):
     messages_digest: str
     open_turn: bool = False
     model: str = ""  # the engine's model when committed (SessionSnapshot.model); "" in older records
+    pinned_tokens: int | None = Field(None, ge=1)  # sink_ids are a pinned region of this many ids (a rebuild
+    # pins them again, so the layout and the shared pages are the same); None: the engine's S sinks
     # The last committed turn, so a client retrying a turn whose reply it never saw gets that reply
     # back instead of a history conflict (the replica may die between commit and acknowledge).
     last_request_digest: str = ""

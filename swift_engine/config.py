@@ -20,6 +20,9 @@ class EngineConfig(BaseModel):
     model: str = "tiny"
     sink_tokens: int = Field(4, ge=0, description="S: first tokens kept forever")
     window_tokens: int = Field(1020, ge=1, description="W: most recent tokens kept")
+    max_pinned_tokens: int = Field(
+        1024, ge=0, description="longest pinned region (BOS + system prompt, or a completion's pinned_tokens) "
+        "a session may keep in place of its sinks; longer is a 400")
     page_size: int = Field(16, ge=1, le=1024, description="tokens per KV page")
     num_pages: int | None = Field(
         None, ge=1, description="KV pool size in pages; None sizes it from kv_cache_memory_gb")

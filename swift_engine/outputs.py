@@ -47,4 +47,6 @@ class SessionSnapshot(BaseModel):
     messages_consumed: int = 0
     messages_digest: str = ""
     open_turn: bool = False  # last turn ended without its end-of-turn token
+    pinned_tokens: int | None = Field(None, ge=1, description="P: sink_ids are a pinned region of P ids "
+                                      "(None: the engine's S sinks)")
     model: str = Field("", description="the engine's model (EngineConfig.model); '' when unknown")

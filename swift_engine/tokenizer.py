@@ -1,6 +1,7 @@
 """Tokenizer, incremental chat-template rendering and incremental detokenisation."""
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from functools import cache
@@ -79,6 +80,18 @@ class ChatTokenizer:
         eot = self.hf.convert_ids_to_tokens(self.end_of_turn_id)
         at = full.find(eot, cut)
         return self.encode(full[at + len(eot):] if at >= 0 else full[cut:])
+
+    def pinned_prefix(self, messages: list[dict], ids: list[int]) -> int:
+        """How many leading ids of a first turn's `ids` render its leading system message(s), BOS
+        included: what the template produces before the first user turn. 0 without a system message."""
+        system = list(itertools.takewhile(lambda m: m["role"] == "system", messages))
+        if not system:
+            return 0
+        try:
+            head = self.encode(self.hf.apply_chat_template(system, add_generation_prompt=False, tokenize=False))
+        except Exception:  # a template that insists on a user turn: nothing is pinned beyond the sinks
+            return 0
+        return next((i for i, (a, b) in enumerate(zip(head, ids)) if a != b), min(len(head), len(ids)))
 
     def _render(self, messages: list[dict]) -> str:
         return self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -104,12 +104,13 @@ def test_cli_writes_table_json_and_plot(tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 4)
     cli_main(["eval", "ppl", "--model", str(model), "--text", str(text), "--max-tokens", "150", "--cache", "24",
-              "--sinks", "2", "--sink-sweep", "1", "--dense-tokens", "100", "--recompute-stride", "5", "--chunk", "16",
+              "--sinks", "2", "--sink-sweep", "1", "--pinned", "8", "--dense-tokens", "100", "--recompute-stride", "5", "--chunk", "16",
               "--bucket", "50", "--out", str(tmp_path / "out"), "--name", "t", "--quiet", "--probe-sinks"])
     report = json.loads((tmp_path / "out" / "t.json").read_text())
     assert (tmp_path / "out" / "t.png").stat().st_size > 1000
     rows = {r["label"]: r for r in report["runs"]}
-    assert set(rows) == {"dense <= 100", "window 0+24", "recompute 24", "streaming 2+22", "streaming 1+23"}
+    assert set(rows) == {"dense <= 100", "window 0+24", "recompute 24", "streaming 2+22", "streaming 1+23",
+                         "pinned 8+16"}
     assert report["tokens"] == 150 and rows["streaming 2+22"]["scored_tokens"] == 149
     assert rows["dense <= 100"]["scored_tokens"] == 99
     assert rows["recompute 24"]["scored_tokens"] == 24 + len(range(25, 150, 5))
@@ -185,3 +186,12 @@ def test_training_recipe_writes_a_checkpoint_the_engine_and_hf_load(tmp_path):
     assert (ppl.score_dense(ours, ids, len(ids)) - want).abs().max() <= 1e-4
     assert (ppl.score_streaming(ours, ids, 1, 4, chunk=3)[:4] - want[:4]).abs().max() <= 1e-4
     assert np.fromfile(data / "train.bin", dtype=np.uint16).max() < cfg["vocab_size"]
+
+
+def test_pinned_mode_equals_the_reference_with_N_sinks(pair):
+    """Pinning the stream's first N tokens (the served path: pinned_tokens) is N sinks, exactly."""
+    _, ours = pair
+    ids = random_ids(70, 4)
+    [res] = ppl.evaluate(ours, ids, [Run.parse("pinned:20+12")], chunk=16, progress=False)
+    assert res.run.label == "pinned 20+12"
+    assert (res.logprobs - gather(reference_logits(ours, ids, 20, 12), ids)).abs().max() <= 1e-4

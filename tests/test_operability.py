@@ -170,7 +170,7 @@ def test_ready_means_every_series_at_zero_and_health(server):
     names = ["generated_tokens_total", "reprefills_total", "session_claims_total", "cache_evictions_total",
              "commit_failures_total", "sessions_resident", "sessions_host", "sessions_ids_only",
              "host_cache_bytes_used", "sessions_running", "cache_pages_used",
-             "cache_pages_total"]
+             "cache_pages_total", "cache_pages_shared"]
     while time.monotonic() < deadline:
         text = urllib.request.urlopen(server["metrics"]).read().decode()
         series = {n: re.findall(rf"^ray_swiftserve_{n}{{(.*)}} (\S+)$", text, re.M) for n in names}

@@ -145,18 +145,22 @@ class StreamingEngine:
     # ---- requests ---------------------------------------------------------
     async def generate(self, session_id: str, prompt_token_ids: list[int] | None = None,
                        messages: list[dict] | None = None, sampling: SamplingParams | dict | None = None,
-                       request_id: str | None = None) -> AsyncIterator[GenerationEvent]:
-        """Stream events of one turn. `messages` is the full history (OpenAI style)."""
+                       request_id: str | None = None, pin: str = "none",
+                       pinned_tokens: int = 0) -> AsyncIterator[GenerationEvent]:
+        """Stream events of one turn. `messages` is the full history (OpenAI style). A new session pins
+        (engine/pinned.py) BOS + its system prompt with pin="system", or its first `pinned_tokens` ids."""
         if (prompt_token_ids is None) == (messages is None):
             raise InvalidRequestError("pass exactly one of prompt_token_ids or messages")
-        req = Request(request_id or uuid.uuid4().hex, session_id, "generate",
-                      list(prompt_token_ids or []), emit=None, sampling=_sampling(sampling))
+        if pin not in ("none", "system"):
+            raise InvalidRequestError(f"pin: expected 'none' or 'system', got {pin!r}")
+        req = Request(request_id or uuid.uuid4().hex, session_id, "generate", list(prompt_token_ids or []),
+                      emit=None, sampling=_sampling(sampling), pin=pin, pinned_tokens=pinned_tokens)
         async for event in self._stream(req, lambda r: self.core.submit(r, messages)):
             yield event
 
-    async def score(self, session_id: str, token_ids: list[int]) -> list[float | None]:
+    async def score(self, session_id: str, token_ids: list[int], pinned_tokens: int = 0) -> list[float | None]:
         """Log-probability of each token given the session's streaming context; appends them."""
-        req = Request(uuid.uuid4().hex, session_id, "score", list(token_ids), emit=None)
+        req = Request(uuid.uuid4().hex, session_id, "score", list(token_ids), emit=None, pinned_tokens=pinned_tokens)
         async for event in self._stream(req, self.core.submit):
             if event.finish_reason is not None:
                 return event.logprobs
@@ -223,6 +227,10 @@ class StreamingEngine:
         """Resident sessions and those in the host tier: both resume here without a re-prefill."""
         return list(self._view.held)
 
+    def pinned_regions(self) -> list[str]:
+        """pinned_hash of every pinned region this engine holds."""
+        return list(self._view.pinned)
+
     def stats(self) -> EngineStats:
         return self._view.stats
 
@@ -238,8 +246,8 @@ class StreamingEngine:
             return [ev async for ev in self.generate(session_id, **kw)]
         return asyncio.run(run())
 
-    def score_sync(self, session_id: str, token_ids: list[int]) -> list[float | None]:
-        return asyncio.run(self.score(session_id, token_ids))
+    def score_sync(self, session_id: str, token_ids: list[int], pinned_tokens: int = 0) -> list[float | None]:
+        return asyncio.run(self.score(session_id, token_ids, pinned_tokens))
 
     def restore_sync(self, session_id: str, snapshot: SessionSnapshot) -> float:
         return asyncio.run(self.restore(session_id, snapshot))

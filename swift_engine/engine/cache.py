@@ -1,7 +1,8 @@
 """The sink+window paged KV cache: one preallocated page pool shared by all sessions.
 
-Each session has a page table: sink pages (the first S tokens, never evicted),
-then window pages in logical order, used as a queue. Tokens are evicted one at
+Each session has a page table: sink pages (the first S tokens, never evicted;
+a pinned region of P >= S tokens in their place, engine/pinned.py), then window
+pages in logical order, used as a queue. Tokens are evicted one at
 a time from the window's front; a window page is freed once all its tokens are
 evicted. A slot is `page * page_size + offset`; keys are stored before RoPE.
 """
@@ -14,6 +15,7 @@ import torch
 
 from ..errors import CapacityError
 from . import kv_fp8
+from .pinned import PinnedPages
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -49,6 +51,8 @@ class PageTable:
     window_pages: deque[int] = field(default_factory=deque)
     window_start: int = 0  # offset of the oldest window token in window_pages[0]
     window_len: int = 0
+    sink_cap: int | None = None    # sink tokens of this table (a pinned region's P); None: the cache's S
+    pinned_hash: str | None = None  # set while sink_pages are the registry's shared pinned pages
 
     @property
     def pages(self) -> int:
@@ -90,8 +94,11 @@ class AppendPlan:
 
 class SinkWindowCache:
     def __init__(self, sink_tokens: int, window_tokens: int, page_size: int, num_pages: int,
-                 shape: tuple[int, int, int], device, dtype, kv_cache_dtype: str = "auto"):
+                 shape: tuple[int, int, int], device, dtype, kv_cache_dtype: str = "auto",
+                 max_pinned_tokens: int = 0):
         self.S, self.W, self.P = sink_tokens, window_tokens, page_size
+        self.max_sinks = max(sink_tokens, max_pinned_tokens)  # longest sink region a table may have
+        self.pinned = PinnedPages()
         layers, kv_heads, head_dim = shape
         self.dtype = dtype  # what attention computes in; k/v hold e4m3 under kv_cache_dtype "fp8"
         self.fp8 = kv_cache_dtype == "fp8"
@@ -137,7 +144,7 @@ class SinkWindowCache:
 
     def pages_for(self, table: PageTable, n: int) -> int:
         """New pages an append of n tokens needs."""
-        sinks = min(n, self.S - table.sink_len)
+        sinks = min(n, self.sinks_of(table) - table.sink_len)
         need = ceil_div(table.sink_len + sinks, self.P) - len(table.sink_pages)
         end = table.window_start + table.window_len + (n - sinks)
         return need + max(0, ceil_div(end, self.P) - len(table.window_pages))
@@ -146,7 +153,7 @@ class SinkWindowCache:
         if self.pages_for(table, n) > len(self.free):
             raise CapacityError("KV page pool exhausted (scheduler reservation violated)")
         old_window = table.window_len
-        new_sinks = min(n, self.S - table.sink_len)
+        new_sinks = min(n, self.sinks_of(table) - table.sink_len)
         write = [self._push_sink(table) for _ in range(new_sinks)]
         write += [self._push_window(table) for _ in range(n - new_sinks)]
         return AppendPlan(write, new_sinks, old_window, self.P, list(table.sink_pages), table.sink_len,
@@ -163,8 +170,13 @@ class SinkWindowCache:
             self.free.append(table.window_pages.popleft())
             table.window_start -= self.P
 
+    def sinks_of(self, table: PageTable) -> int:
+        return self.S if table.sink_cap is None else table.sink_cap
+
     def release(self, table: PageTable) -> None:
-        self.free.extend(table.sink_pages)
+        """Free the table's pages; shared pinned pages only when their last table lets go."""
+        shared = table.pinned_hash is not None
+        self.free.extend(self.pinned.release(table) if shared else table.sink_pages)
         self.free.extend(table.window_pages)
         table.sink_pages, table.window_pages = [], deque()
         table.sink_len = table.window_len = table.window_start = 0

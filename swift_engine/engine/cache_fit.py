@@ -30,4 +30,15 @@ def fit_cache_to_model(config: EngineConfig, a: ModelArgs) -> EngineConfig:
         raise UnsupportedModelError(
             f"window_tokens: the model's layers {list(a.sliding_layers)} attend over a sliding window of {window} "
             f"tokens and S + W = {config.cache_tokens} exceeds it ({fits} with sink_tokens {S})")
-    return config
+    return _fit_pinned(config, min(x for x in (trained, window) if x) if trained or window else None)
+
+
+def _fit_pinned(config: EngineConfig, span: int | None) -> EngineConfig:
+    """A pinned region of P tokens puts window tokens at positions up to P + W - 1: max_pinned_tokens is
+    lowered (with a warning) to what the model attends over, never below S."""
+    if span is None or config.max_pinned_tokens + config.window_tokens <= span:
+        return config
+    fits = max(config.sink_tokens, span - config.window_tokens)
+    logger.warning("max_pinned_tokens %d -> %d: a pinned region plus W = %d is past the %d positions the model "
+                   "attends over", config.max_pinned_tokens, fits, config.window_tokens, span)
+    return config.model_copy(update={"max_pinned_tokens": fits})

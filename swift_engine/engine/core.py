@@ -16,12 +16,13 @@ from ..models.llama import CausalLM
 from ..outputs import SessionSnapshot, Usage
 from ..sampling import Sampler
 from ..tokenizer import ChatTokenizer, IncrementalDetokenizer, StopStringMatcher
-from .cache import SinkWindowCache, page_bytes
+from .cache import SinkWindowCache, page_bytes, running_pages
 from .cache_fit import fit_cache_to_model
 from .host_tier import HostTier
 from .idle import IdleBound
 from .idle_cache import CacheAgeing
 from .model_runner import ModelRunner
+from .pinned import pinned_hash
 from .request import Request
 from .scheduler import Scheduler
 from .session import Session, chain_digest
@@ -34,7 +35,8 @@ def kv_cache_for(config: EngineConfig, model: CausalLM) -> SinkWindowCache:
     num_pages = config.num_pages or pages_for_memory(config, a)
     return SinkWindowCache(config.sink_tokens, config.window_tokens, config.page_size, num_pages,
                            (a.num_layers, a.num_kv_heads, a.head_dim),
-                           model.lm_head.weight.device, model.lm_head.weight.dtype, config.kv_cache_dtype)
+                           model.lm_head.weight.device, model.lm_head.weight.dtype, config.kv_cache_dtype,
+                           config.max_pinned_tokens)
 
 
 def pages_for_memory(config: EngineConfig, a) -> int:
@@ -79,11 +81,14 @@ class EngineCore:
         if len(req.new_ids) > self.config.max_prompt_tokens:
             raise InvalidRequestError(f"turn has {len(req.new_ids)} prompt tokens; the limit "
                                       f"(max_prompt_tokens) is {self.config.max_prompt_tokens}")
+        pinned = self._pinned_length(session, req, messages)
         if req.kind == "generate":
             p = req.sampling
             self.sampler.prepare(req)
             req.detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer else None
             req.stopper = StopStringMatcher(p.stop)
+        if pinned:
+            session.pin(pinned)
         self.sessions[req.session_id] = session
         self.sessions.move_to_end(req.session_id)
         session.running = True
@@ -102,6 +107,29 @@ class EngineCore:
         if session.open_turn:
             ids = [self.tokenizer.end_of_turn_id] + ids
         return ids, new
+
+    def _pinned_length(self, session: Session, req: Request, messages: list[dict] | None) -> int:
+        """P of a new session's pinned region (0: none, the S sinks as usual): BOS + its system prompt
+        (pin="system"), or its first req.pinned_tokens ids; at least S, at most max_pinned_tokens."""
+        if session.tokens_seen or session.needs_reprefill:
+            return 0  # pinning applies to a session's first turn only
+        n = req.pinned_tokens
+        if req.pin == "system" and messages is not None:
+            n = self.tokenizer.pinned_prefix(messages, req.new_ids)
+        limit = self.config.max_pinned_tokens
+        if n < 0:
+            raise InvalidRequestError(f"pinned_tokens must be >= 0, got {n}")
+        if n > limit:
+            raise InvalidRequestError(f"the pinned region has {n} tokens; the limit (max_pinned_tokens) is {limit}")
+        if n > len(req.new_ids):
+            raise InvalidRequestError(f"pinned_tokens {n} exceeds the prompt's {len(req.new_ids)} tokens")
+        P = max(n, self.config.sink_tokens)
+        if not n or P > len(req.new_ids):
+            return 0
+        if running_pages(P, self.cache.W, self.cache.P, self.config.max_batch_tokens) > self.cache.num_pages:
+            raise InvalidRequestError(f"a session pinning {P} tokens cannot fit the KV pool "
+                                      f"(num_pages {self.cache.num_pages})")
+        return P
 
     def _check_ids(self, ids: list[int], allow_empty: bool = False) -> None:
         if not ids and not allow_empty:
@@ -126,6 +154,10 @@ class EngineCore:
             raise InvalidRequestError(f"snapshot of {snap.session_id!r} holds token ids of model {snap.model!r}; "
                                       f"this engine serves {self.config.model!r}")
         self._check_ids(snap.sink_ids + snap.tail_ids, allow_empty=True)
+        P = snap.pinned_tokens
+        if P is not None and not self.config.sink_tokens <= P <= self.config.max_pinned_tokens:
+            raise InvalidRequestError(f"snapshot of {snap.session_id!r} pins {P} tokens; this engine pins "
+                                      f"{self.config.sink_tokens} to {self.config.max_pinned_tokens} (max_pinned_tokens)")
         session = Session.from_snapshot(snap, self.config.sink_tokens, self.config.window_tokens)
         self.drop(req.session_id)
         self.sessions[req.session_id] = session
@@ -199,10 +231,30 @@ class EngineCore:
             replay = replay[:-1]
         feed_new = req.new_ids[:-1] if req.kind == "score" else req.new_ids
         req.feed, req.n_replay, req.phase = replay + feed_new, len(replay), "prefill"
+        self._attach_pinned(session, req)
         if req.kind == "score" and not replay and req.new_ids:
             req.logprobs.append(None)  # first token of a fresh session has no context
         if req.remaining == 0:
             self._finish_feed(req)
+
+    def _attach_pinned(self, session: Session, req: Request) -> None:
+        """A session starting from an empty table whose pinned region is resident: point its table at
+        the shared pages and feed only what follows (the region is not prefilled again)."""
+        P = session.S
+        if not session.pinned or req.kind == "score" or len(req.feed) <= P:
+            return
+        if not self.cache.pinned.attach(session.table, pinned_hash(self.config.model, req.feed[:P])):
+            return
+        for i in range(req.n_replay, P):
+            session.see(req.feed[i])
+        req.feed, req.n_replay = req.feed[P:], max(req.n_replay - P, 0)
+
+    def _publish_pinned(self, session: Session) -> None:
+        """Once a session's pinned region is prefilled, it becomes (or joins) the shared copy."""
+        table = session.table
+        if session.pinned and table.pinned_hash is None and table.sink_len == session.S:
+            key = pinned_hash(self.config.model, session.sink_ids)
+            self.cache.free.extend(self.cache.pinned.publish(table, key))
 
     def _logit_rows(self, req: Request, n: int) -> list[int]:
         if req.kind == "generate":
@@ -222,6 +274,7 @@ class EngineCore:
         if req.rebuild_from is not None and req.rebuild_s is None and req.fed >= req.n_replay:
             req.rebuild_s = time.perf_counter() - req.rebuild_from
         self.cache.evict(session.table)
+        self._publish_pinned(session)
         session.pending, session.needs_reprefill = None, False
         if req.kind == "score":
             req.logprobs += self._scored_logprobs(req, logits, n)

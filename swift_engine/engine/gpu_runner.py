@@ -16,7 +16,7 @@ from ..config import EngineConfig
 from ..layers import triton_attention as ta
 from ..layers.rotary import RotaryTable
 from ..models.fused import FusedDecoder
-from .cache import AppendPlan, SinkWindowCache
+from .cache import AppendPlan, SinkWindowCache, span_pages
 
 # measured on H100 (benchmarks/NOTES-gpu.md): 4096-token chunk 1.06 vs 1.28 ms/layer for 64x64x4 warps
 PREFILL_CFG = dict(block_m=128, block_n=64, num_warps=8, num_stages=3)
@@ -92,8 +92,9 @@ class GpuRunner:
         self.sms = ta.num_sms(self.device)
         self.decode_cfg = dict(decode_cfg or {})
         self.prefill_cfg = dict(PREFILL_CFG, **(prefill_cfg or {}))
-        self.max_keys = cache.S + cache.W
-        self.maxp = cache.pages_spanned(cache.W + 1)  # pages a decoding session's plan lists
+        # graphs for batches of S-sink sessions keep S + W keys; "wide" ones hold pinned regions (up to max_sinks)
+        self.max_keys, self.wide_keys = cache.S + cache.W, cache.max_sinks + cache.W
+        self.maxp = span_pages(cache.max_sinks, cache.W + 1, cache.P)  # pages a decoding session's plan lists
         self.use_graphs = config.cuda_graphs and self.device.type == "cuda"
         fits = [b for b in GRAPH_BUCKETS if b <= min(MAX_GRAPH_BATCH, config.max_batch_tokens)] or [1]
         # up to the first bucket that holds max_running sessions: larger ones would never replay
@@ -102,7 +103,8 @@ class GpuRunner:
         self.host = np.zeros((self.buckets[-1], self.width), dtype=np.int32)
         self.dev = torch.zeros(self.buckets[-1], self.width, dtype=torch.int32, device=self.device) \
             if self.use_graphs else None
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # by bucket
+        self.wide_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # batches with pinned regions
         self.pool = None
         self.stats = dict(graph_steps=0, eager_decode_steps=0, mixed_steps=0, captures=0)
         # decode steps (graph or eager) through the Triton GEMV, or cuBLAS (config.triton_gemv)
@@ -148,10 +150,12 @@ class GpuRunner:
     def _decode(self, chunks, plans) -> torch.Tensor:
         B = len(chunks)
         bucket = next((b for b in self.buckets if b >= B), None) if self.use_graphs else None
-        if bucket is not None and bucket not in self.graphs:
-            self._capture(bucket)  # first: capture resets the host buffer
+        wide = any(p.sink_len > self.cache.S for p in plans)
+        graphs = self.wide_graphs if wide else self.graphs
+        if bucket is not None and bucket not in graphs:
+            self._capture(bucket, wide)  # first: capture resets the host buffer
         if bucket is not None and self._fill(chunks, plans, bucket):
-            graph, out = self.graphs[bucket]
+            graph, out = graphs[bucket]
             self.dev[:bucket].copy_(torch.from_numpy(self.host[:bucket]))
             graph.replay()
             self.stats["graph_steps"] += 1
@@ -168,9 +172,9 @@ class GpuRunner:
         attn = DecodeAttention(self, meta_t, bt_t, self.params_for(B, int(meta[:, 0].max())))
         return self.fused.logits(self.fused.forward(ids, attn, gemv=self.use_gemv))
 
-    def _capture(self, bucket: int):
+    def _capture(self, bucket: int, wide: bool = False):
         view = self.dev[:bucket]
-        params = self.params_for(bucket, self.max_keys)
+        params = self.params_for(bucket, self.wide_keys if wide else self.max_keys)
         self.host[:bucket] = 0
         self.host[:bucket, ROW_COL] = np.arange(bucket)
         view.copy_(torch.from_numpy(self.host[:bucket]))
@@ -189,7 +193,7 @@ class GpuRunner:
             out = forward()
         if self.pool is None:
             self.pool = graph.pool()
-        self.graphs[bucket] = (graph, out)
+        (self.wide_graphs if wide else self.graphs)[bucket] = (graph, out)
         self.stats["captures"] += 1
         return graph, out
 
@@ -202,7 +206,7 @@ class GpuRunner:
         slots = np.full(T, -1, dtype=np.int32)
         pre_rows, pre_pages, qblocks, dec_rows, dec_pages, starts = [], [], [], [], [], []
         start = 0
-        limit = self.rope.positions - self.cache.S - self.cache.W - 1
+        limit = self.rope.positions - self.cache.max_sinks - self.cache.W - 1
         for chunk, plan in zip(chunks, plans):
             n = len(chunk)
             if n > limit:

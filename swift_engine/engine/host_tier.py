@@ -57,6 +57,7 @@ class HostEntry:
     sink_len: int
     window_start: int
     window_len: int
+    pinned_hash: str | None  # the sink pages were a shared pinned region (engine/pinned.py)
 
 
 class HostTier:
@@ -100,12 +101,15 @@ class HostTier:
             self.drops += 1
         host = [self.free.popleft() for _ in gpu]
         self.entries[session.id] = HostEntry(session, host, len(table.sink_pages), table.sink_len,
-                                             table.window_start, table.window_len)
+                                             table.window_start, table.window_len, table.pinned_hash)
         with self._copying():
             idx, n = self._index(gpu), len(self.staging)
             for i in range(0, len(gpu), n):
                 self._out(idx[i:i + n], host[i:i + n])
-            self.leaving.append((self._done(), gpu))
+            # shared pinned pages leave the pool only with their last table (copied here all the same:
+            # the region may be gone when this session comes back)
+            sinks = self.cache.pinned.release(table) if table.pinned_hash else table.sink_pages
+            self.leaving.append((self._done(), sinks + list(table.window_pages)))
         table.sink_pages, table.window_pages = [], deque()
         table.sink_len = table.window_len = table.window_start = 0
         self.offloads += 1
@@ -127,15 +131,22 @@ class HostTier:
         table; the session may run once `arrived` says so. Its host pages are free at once: every
         later copy that could reuse them runs after this one on the same stream."""
         entry = self.entries.pop(session_id)
-        gpu = [self.cache.free.popleft() for _ in entry.pages]
+        shared = entry.pinned_hash is not None and self.cache.pinned.attach(table, entry.pinned_hash)
+        wanted = entry.pages[entry.sink_pages:] if shared else entry.pages  # a resident region is not copied
+        gpu = [self.cache.free.popleft() for _ in wanted]
         with self._copying():
             idx, n = self._index(gpu), len(self.staging)
             for i in range(0, len(gpu), n):
-                self._in(entry.pages[i:i + n], idx[i:i + n])
+                self._in(wanted[i:i + n], idx[i:i + n])
             if self.cuda:
                 self.arriving[session_id] = self._done()
         self.free.extend(entry.pages)
-        table.sink_pages, table.window_pages = gpu[:entry.sink_pages], deque(gpu[entry.sink_pages:])
+        if shared:
+            table.window_pages = deque(gpu)
+        else:
+            table.sink_pages, table.window_pages = gpu[:entry.sink_pages], deque(gpu[entry.sink_pages:])
+            if entry.pinned_hash is not None:  # the region left the pool meanwhile: this copy is it again
+                self.cache.pinned.publish(table, entry.pinned_hash)
         table.sink_len, table.window_start, table.window_len = entry.sink_len, entry.window_start, entry.window_len
         self.reloads += 1
 

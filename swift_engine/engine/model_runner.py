@@ -52,7 +52,7 @@ class ModelRunner:
         self.model, self.cache = model, cache
         self.device = model.lm_head.weight.device
         self.backend = select_backend(config.attention_backend, model, self.device, cache.fp8)
-        positions = cache.S + cache.W + config.max_batch_tokens + 1  # cache positions + one chunk
+        positions = cache.max_sinks + cache.W + config.max_batch_tokens + 1  # cache positions + one chunk
         self.gpu = None
         if self.backend == "triton":  # float32 tables for the kernels (whole-head rotary only)
             from .gpu_runner import GpuRunner

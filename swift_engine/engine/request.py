@@ -20,6 +20,8 @@ class Request:
     emit: Callable[[GenerationEvent], None]
     sampling: SamplingParams | None = None
     new_messages: list[dict] | None = None   # consumed when the turn completes
+    pin: Literal["none", "system"] = "none"  # a new session's messages: pin BOS + its system prompt
+    pinned_tokens: int = 0                   # a new session's prompt ids: pin the first this many
     # progress
     feed: list[int] = field(default_factory=list)  # ids to compute: replay prefix + new ids
     n_replay: int = 0                        # leading ids of feed the session has already seen

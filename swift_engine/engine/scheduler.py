@@ -66,16 +66,22 @@ class Scheduler:
         admitted = []
         while self.waiting and len(self.running) < self.max_running:
             req = self.waiting[0]
-            table = sessions[req.session_id].table
-            if not self._make_room(self.reserve - table.pages, sessions):
+            session = sessions[req.session_id]
+            if not self._make_room(self.reserve_of(session) - session.table.pages, sessions):
                 break
             self.waiting.popleft()
             self.running.append(req)
             admitted.append(req)
         return admitted
 
+    def reserve_of(self, session: Session) -> int:
+        """Pages a running session may need: `reserve`, or more with a pinned region longer than S."""
+        if session.S == self.cache.S:
+            return self.reserve
+        return running_pages(session.S, self.cache.W, self.cache.P, self.max_batch_tokens)
+
     def _outstanding(self, sessions) -> int:
-        return sum(self.reserve - sessions[r.session_id].table.pages for r in self.running)
+        return sum(self.reserve_of(s) - s.table.pages for s in (sessions[r.session_id] for r in self.running))
 
     def _make_room(self, need: int, sessions: "OrderedDict[str, Session]") -> bool:
         """Evict until the pages are free, counting pages still being copied to the host tier as

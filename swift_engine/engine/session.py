@@ -28,7 +28,8 @@ class Session:
 
     def __init__(self, session_id: str, sink_tokens: int, window_tokens: int):
         self.id = session_id
-        self.S = sink_tokens
+        self.S = sink_tokens  # the engine's S, or P once the session pinned a region (pin())
+        self.pinned = False  # the sink region is a pinned region (engine/pinned.py)
         self.sink_ids: list[int] = []
         self.tail_ids: deque[int] = deque(maxlen=window_tokens)
         self.pending: int | None = None
@@ -42,6 +43,11 @@ class Session:
         self.running = False
         self.last_used = time.monotonic()
         self.held_until = 0.0  # not forgotten as idle before this (engine/idle.py)
+
+    def pin(self, tokens: int) -> None:
+        """Make the first `tokens` ids the session's sink region (P >= S; before it sees any id)."""
+        self.S = self.table.sink_cap = tokens
+        self.pinned = True
 
     def see(self, token_id: int) -> None:
         if len(self.sink_ids) < self.S:
@@ -63,12 +69,15 @@ class Session:
         return SessionSnapshot(
             session_id=self.id, sink_ids=list(self.sink_ids), tail_ids=list(self.tail_ids),
             tokens_seen=self.tokens_seen, turns=self.turns, messages_consumed=self.messages_consumed,
-            messages_digest=self.messages_digest, open_turn=self.open_turn)
+            messages_digest=self.messages_digest, open_turn=self.open_turn,
+            pinned_tokens=self.S if self.pinned else None)
 
     @classmethod
     def from_snapshot(cls, snap: SessionSnapshot, sink_tokens: int, window_tokens: int) -> "Session":
         s = cls(snap.session_id, sink_tokens, window_tokens)
-        s.sink_ids, tail = resplit(snap, sink_tokens, window_tokens)
+        if snap.pinned_tokens:  # the same pinned region, so the same layout and the same shared pages
+            s.pin(snap.pinned_tokens)
+        s.sink_ids, tail = resplit(snap, s.S, window_tokens)
         s.tail_ids.extend(tail)
         s.tokens_seen, s.turns = snap.tokens_seen, snap.turns
         s.messages_consumed, s.messages_digest = snap.messages_consumed, snap.messages_digest

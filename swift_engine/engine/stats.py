@@ -34,6 +34,7 @@ class EngineStats:
     host_drops: int  # host tier full: its least recently offloaded session fell to ids only
     host_cache_bytes_used: int
     host_cache_bytes_total: int
+    pages_shared: int     # pages sessions would hold on top without sharing pinned regions (engine/pinned.py)
     reprefills: int
     tokens_generated: int
 
@@ -43,6 +44,7 @@ class EngineView:
     stats: EngineStats
     resident: tuple[str, ...]  # sessions holding cache pages or running
     held: tuple[str, ...]      # those and the sessions in the host tier (cheap to resume here)
+    pinned: tuple[str, ...]    # content hashes (pinned_hash) of the pinned regions held
 
 
 def view_of(core: EngineCore) -> EngineView:
@@ -70,5 +72,5 @@ def view_of(core: EngineCore) -> EngineView:
         sessions_known=len(core.sessions), sessions_running=running, queue_depth=len(sched.waiting),
         evictions=sched.evictions, offloads=host.offloads, reloads=host.reloads, host_drops=host.drops,
         host_cache_bytes_used=host.bytes_used, host_cache_bytes_total=host.num_pages * host.page_bytes,
-        reprefills=core.reprefills, tokens_generated=core.tokens_generated)
-    return EngineView(stats, tuple(resident), tuple(resident + in_host))
+        pages_shared=cache.pinned.pages_saved(), reprefills=core.reprefills, tokens_generated=core.tokens_generated)
+    return EngineView(stats, tuple(resident), tuple(resident + in_host), tuple(cache.pinned.regions))

@@ -14,6 +14,8 @@ streamed through four kinds of attention (the StreamingLLM paper's Figure 3 and 
   scores only every k-th position past the first window, to bound the cost; every other
   run is then also reported on exactly those positions (column "PPL@recompute").
 - ``streaming``: the engine with ``S`` sinks and a window of ``C - S`` tokens (StreamingLLM).
+- ``pinned``: the text's first ``N`` tokens pinned (``pinned_tokens=N``, as a served session pins its
+  system prompt), then a window of ``C - N`` tokens: reported beside 4 sinks at the same ``C``.
 
 ``C`` is the cache size in tokens (``--cache``), so every mode at one ``C`` holds the same number
 of key/value pairs, as in the paper's comparison. ``window`` and ``streaming`` go through
@@ -42,21 +44,21 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-MODES = ("dense", "window", "recompute", "streaming")
+MODES = ("dense", "window", "recompute", "streaming", "pinned")
 
 
 @dataclass(frozen=True)
 class Run:
     mode: str
     cache: int = 0   # C: tokens of context kept (dense: how many tokens to score at most)
-    sinks: int = 0   # S (streaming only)
-    kv_cache_dtype: str = "auto"  # window and streaming: the engine's cache (fp8: e4m3)
+    sinks: int = 0   # S (streaming), N (pinned)
+    kv_cache_dtype: str = "auto"  # engine runs (window, streaming, pinned): the cache (fp8: e4m3)
 
     @property
     def label(self) -> str:
         kv = "" if self.kv_cache_dtype == "auto" else f", {self.kv_cache_dtype} KV"
-        if self.mode == "streaming":
-            return f"streaming {self.sinks}+{self.cache - self.sinks}{kv}"
+        if self.mode in ("streaming", "pinned"):
+            return f"{self.mode} {self.sinks}+{self.cache - self.sinks}{kv}"
         if self.mode == "window":
             return f"window 0+{self.cache}{kv}"
         if self.mode == "recompute":
@@ -65,14 +67,15 @@ class Run:
 
     @classmethod
     def parse(cls, spec: str) -> Run:
-        """'dense:2048', 'window:256', 'recompute:256', 'streaming:4+252' (S+W, cache = S + W)."""
+        """'dense:2048', 'window:256', 'recompute:256', 'streaming:4+252' (S+W, cache = S + W),
+        'pinned:64+192' (N+W)."""
         mode, _, arg = spec.partition(":")
         if mode not in MODES or not arg:
             raise ValueError(f"run spec {spec!r}: expected one of {MODES} with ':<tokens>' (streaming: ':S+W')")
-        if mode == "streaming":
+        if mode in ("streaming", "pinned"):
             s, _, w = arg.partition("+")
             if not w:
-                raise ValueError(f"run spec {spec!r}: streaming takes S+W, e.g. streaming:4+252")
+                raise ValueError(f"run spec {spec!r}: {mode} takes S+W, e.g. {mode}:4+252")
             return cls(mode, int(s) + int(w), int(s)) if int(s) else cls("window", int(w), 0)
         return cls(mode, int(arg))
 
@@ -190,25 +193,28 @@ def score_recompute(model, ids: list[int], context: int, stride: int = 1, batch:
 
 
 def score_streaming(model, ids: list[int], sinks: int, window: int, chunk: int, device: str | None = None,
-                    progress: bool = False, label: str = "", kv_cache_dtype: str = "auto") -> torch.Tensor:
-    """log p(ids[t] | StreamingLLM cache) through `StreamingEngine.score`, `chunk` tokens per call."""
+                    progress: bool = False, label: str = "", kv_cache_dtype: str = "auto",
+                    pinned: int = 0) -> torch.Tensor:
+    """log p(ids[t] | StreamingLLM cache) through `StreamingEngine.score`, `chunk` tokens per call;
+    with `pinned`, the first call pins the stream's first `pinned` tokens."""
     from ..config import EngineConfig
     from ..engine.async_engine import StreamingEngine
 
     device = device or str(model.lm_head.weight.device)
     page = 16
-    pages = math.ceil(sinks / page) + math.ceil((window + page - 1) / page) + math.ceil(chunk / page) + 4
+    pages = math.ceil(max(sinks, pinned) / page) + math.ceil((window + page - 1) / page) + math.ceil(chunk / page) + 4
     dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[model.lm_head.weight.dtype]
     cfg = EngineConfig(model="in-memory", sink_tokens=sinks, window_tokens=window, page_size=page, num_pages=pages,
-                       max_batch_tokens=max(chunk, 16), max_prompt_tokens=max(chunk, 16), device=device, dtype=dtype,
-                       kv_cache_dtype=kv_cache_dtype)
+                       max_batch_tokens=max(chunk, 16), max_prompt_tokens=max(chunk, pinned, 16), device=device,
+                       dtype=dtype, kv_cache_dtype=kv_cache_dtype, max_pinned_tokens=pinned)
     engine = StreamingEngine(cfg, model=model, tokenizer=None)
     out: list[float] = []
     bar = tqdm(total=len(ids), desc=label or f"streaming {sinks}+{window}", unit="tok", disable=not progress,
                leave=False)
     try:
-        for s in range(0, len(ids), chunk):
-            lps = engine.score_sync("ppl", ids[s:s + chunk])
+        first = max(chunk, pinned)  # the pinned tokens come in the first call
+        for s in [0, *range(first, len(ids), chunk)]:
+            lps = engine.score_sync("ppl", ids[s:s + (first if s == 0 else chunk)], pinned if s == 0 else 0)
             out.extend(lps)
             bar.update(len(lps))
     finally:
@@ -276,11 +282,14 @@ def evaluate(model, ids: list[int], runs: list[Run], chunk: int = 256, recompute
             lp = score_recompute(model, ids, run.cache, recompute_stride, recompute_batch, progress)
             if recompute_stride > 1:
                 notes.append(f"positions past the first {run.cache} subsampled: every {recompute_stride}th")
+        elif run.mode == "pinned":
+            lp = score_streaming(model, ids, 0, run.cache - run.sinks, chunk, device, progress, run.label,
+                                 run.kv_cache_dtype, pinned=run.sinks)
         else:
             lp = score_streaming(model, ids, run.sinks, run.cache - run.sinks, chunk, device, progress, run.label,
                                  run.kv_cache_dtype)
         results.append(RunResult(run, lp, time.perf_counter() - start,
-                                 chunk if run.mode in ("window", "streaming") else None, notes,
+                                 chunk if run.mode in ("window", "streaming", "pinned") else None, notes,
                                  recompute_stride if run.mode == "recompute" else 1))
     return results
 
@@ -360,7 +369,8 @@ def plot(rows: list[dict], path: Path, title: str, main_sinks: int = 4, training
     ratios = any(r.get("vs_recompute") for r in rows)
     fig, axes = plt.subplots(1 + ratios, len(caches), figsize=(6.5 * len(caches), 4.5 + 2.8 * ratios),
                              squeeze=False, gridspec_kw={"height_ratios": [1.6, 1][: 1 + ratios]})
-    colors = {"dense": "tab:red", "window": "tab:orange", "recompute": "tab:blue", "streaming": "tab:green"}
+    colors = {"dense": "tab:red", "window": "tab:orange", "recompute": "tab:blue", "streaming": "tab:green",
+              "pinned": "tab:purple"}
     for ax, c in zip(axes[0], caches):
         for r in rows:
             if r["mode"] != "dense" and r["cache"] != c:
@@ -408,7 +418,7 @@ def plot(rows: list[dict], path: Path, title: str, main_sinks: int = 4, training
 
 
 def build_runs(modes: list[str], caches: list[int], sinks: int, sweep: list[int], dense_tokens: int,
-               specs: list[str], kv_dtypes: tuple[str, ...] = ("auto",)) -> list[Run]:
+               specs: list[str], kv_dtypes: tuple[str, ...] = ("auto",), pinned: list[int] = ()) -> list[Run]:
     runs = [Run.parse(s) for s in specs]
     if "dense" in modes:
         runs.append(Run("dense", dense_tokens))
@@ -418,12 +428,13 @@ def build_runs(modes: list[str], caches: list[int], sinks: int, sweep: list[int]
                 runs.append(Run(m, c, sinks) if m == "streaming" and sinks else Run("window" if m == "streaming" else m, c))
         for s in sweep:
             runs.append(Run("streaming", c, s) if s else Run("window", c))
+        runs += [Run("pinned", c, n) for n in pinned]
     # engine runs once per cache dtype; the others (not the engine) once, by the dedup below
-    runs = [replace(r, kv_cache_dtype=kv) if r.mode in ("window", "streaming") else r
+    runs = [replace(r, kv_cache_dtype=kv) if r.mode in ("window", "streaming", "pinned") else r
             for r in runs for kv in kv_dtypes]
     seen, out = set(), []
     for r in runs:
-        if r.mode == "streaming" and r.sinks >= r.cache:
+        if r.mode in ("streaming", "pinned") and r.sinks >= r.cache:
             raise ValueError(f"{r.label}: sinks must be fewer than the cache size")
         if r not in seen:
             seen.add(r)
@@ -443,6 +454,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--cache", type=int, nargs="+", default=[256], help="cache sizes C = S + W (tokens)")
     ap.add_argument("--sinks", type=int, default=4, help="S for the streaming mode")
+    ap.add_argument("--pinned", type=int, nargs="*", default=[],
+                    help="also run with the text's first N tokens pinned (then C - N window) at every cache size")
     ap.add_argument("--sink-sweep", type=int, nargs="*", default=[],
                     help="also run streaming with these sink counts at every cache size (0 = window)")
     ap.add_argument("--dense-tokens", type=int, help="dense mode stops here (default: max_position_embeddings)")
@@ -483,7 +496,7 @@ def main(argv: list[str] | None = None) -> dict:
     ids = ids[: args.max_tokens]
     train_len = int(read_config(model_dir).get("max_position_embeddings") or 2048)
     runs = build_runs(args.modes, args.cache, args.sinks, args.sink_sweep, args.dense_tokens or train_len, args.specs,
-                      tuple(args.kv_cache_dtype))
+                      tuple(args.kv_cache_dtype), args.pinned)
     print(f"{model_dir.name}: {len(ids)} tokens of {args.text.name}; runs: {', '.join(r.label for r in runs)}",
           file=sys.stderr)
     results = evaluate(model, ids, runs, args.chunk, args.recompute_stride, args.recompute_batch, args.device,
