@@ -29,8 +29,10 @@ async def turn(engine, sid, n=40, seed=0, sampling=GREEDY):
             if ev.token_id is not None]
 
 
-async def test_a_session_back_from_the_host_tier_continues_bit_identical():
-    tiered, alone = make(host_cache_bytes=4 * SESSION_PAGES * PAGE_BYTES), make(num_pages=200)
+@pytest.mark.parametrize("kv", ["auto", "fp8"])  # fp8: the per-token scales travel with their pages
+async def test_a_session_back_from_the_host_tier_continues_bit_identical(kv):
+    tiered = make(host_cache_bytes=4 * SESSION_PAGES * PAGE_BYTES, kv_cache_dtype=kv)
+    alone = make(num_pages=200, kv_cache_dtype=kv)
     for e in (tiered, alone):
         await turn(e, "s", seed=1)  # 64 tokens seen > S + W: past its first eviction, not a prefix
     for i in range(2):  # two more sessions: the pool keeps one idle session, so "s" leaves it
@@ -109,3 +111,31 @@ def test_host_cache_bytes_is_validated_and_reads_units():
     assert EngineConfig(host_cache_bytes="2GiB").host_cache_bytes == 2 << 30
     with pytest.raises(ValidationError, match="host_cache_bytes"):
         EngineConfig(host_cache_bytes=-1)
+
+
+async def _pinned_turn(engine, sid, seed, pinned=16):
+    ids = prompt(16, 99) + prompt(24, seed)  # the same first 16 ids: one shared pinned region of 2 pages
+    return [ev.token_id async for ev in engine.generate(sid, prompt_token_ids=ids, sampling=GREEDY,
+                                                         pinned_tokens=pinned) if ev.token_id is not None]
+
+
+async def test_pinned_sessions_through_the_host_tier_keep_shared_pages_counted():
+    """Sessions sharing a pinned region go to the host tier and back: they continue as ones that never
+    left, and the pool neither loses nor doubles a page (shared pages leave with their last table)."""
+    kw = dict(max_pinned_tokens=16)
+    tiered, alone = make(host_cache_bytes=6 * SESSION_PAGES * PAGE_BYTES, **kw), make(num_pages=200, **kw)
+    for e in (tiered, alone):
+        for sid in ("p1", "p2"):
+            await _pinned_turn(e, sid, seed=int(sid[1]))
+    for i in range(3):  # crowd the pool: the pinned sessions leave it
+        await turn(tiered, f"crowd{i}", seed=5 + i)
+    assert tiered.stats().offloads >= 2 and {"p1", "p2"} <= set(tiered.held_sessions())
+    for sid in ("p2", "p1"):
+        assert await _pinned_turn(tiered, sid, seed=7) == await _pinned_turn(alone, sid, seed=7)
+    assert tiered.stats().reprefills == 0 and tiered.snapshot("p1") == alone.snapshot("p1")
+    for sid in list(tiered.core.sessions):
+        tiered.drop(sid)
+    cache = tiered.core.cache
+    tiered.core.host.wait()
+    assert sorted(cache.free) == list(range(cache.num_pages)) and not cache.pinned.regions
+    tiered.shutdown(), alone.shutdown()

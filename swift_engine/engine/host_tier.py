@@ -40,8 +40,11 @@ PIN_CHUNK = 1 << 30  # pinned in 1 GiB registrations (one huge one can take seco
 def pool_tensors(cache: SinkWindowCache) -> list[torch.Tensor]:
     """The paged tensors a host page holds: each [rows, pages * page_size, ...] (fp8: the per-token
     scales too, [layers, kv_heads, slots] seen as [layers * kv_heads, slots])."""
-    scales = [s.view(-1, s.shape[-1]) for s in (cache.k_scale, cache.v_scale)] if cache.fp8 else []
-    return [cache.k, cache.v, *scales]
+    if not cache.fp8:
+        return [cache.k, cache.v]
+    # e4m3 moved as its bytes (index_copy has no float8 kernel on the CPU)
+    return [cache.k.view(torch.uint8), cache.v.view(torch.uint8),
+            *(s.view(-1, s.shape[-1]) for s in (cache.k_scale, cache.v_scale))]
 
 
 def page_bytes(cache: SinkWindowCache) -> int:
