@@ -1,5 +1,4 @@
 """Idle caches age out of the pool (idle_cache_ttl_s) and the rebuild is reported on the next turn."""
-import asyncio
 import time
 
 import pytest
@@ -21,8 +20,8 @@ def make(device: str = "cpu", **kw) -> StreamingEngine:
                                         max_batch_tokens=64, device=device, dtype="float32", **kw), progress=False)
 
 
-async def turn(engine, sid, ids):
-    return [ev async for ev in engine.generate(sid, prompt_token_ids=ids, sampling=GREEDY)]
+def turn(engine, sid, ids):
+    return engine.generate_sync(sid, prompt_token_ids=ids, sampling=GREEDY)
 
 
 def test_live_weight_counts_idle_pages_fully_then_fades_to_none_at_the_ttl():
@@ -33,22 +32,22 @@ def test_live_weight_counts_idle_pages_fully_then_fades_to_none_at_the_ttl():
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
-async def test_idle_session_gives_its_pages_back_and_its_next_turn_rebuilds_exactly(device):
+def test_idle_session_gives_its_pages_back_and_its_next_turn_rebuilds_exactly(device):
     aged, kept = make(device, idle_cache_ttl_s=1.0), make(device)
     try:
         first, second = [(7 * i) % 250 for i in range(30)], [3, 5, 7]
         for e in (aged, kept):
-            assert (await turn(e, "s", first))[0].reprefill_s is None  # a new session rebuilds nothing
+            assert (turn(e, "s", first))[0].reprefill_s is None  # a new session rebuilds nothing
         held = aged.stats()
         assert held.pages_used > 0 and held.pages_live == held.pages_used  # young: every page counts
         start = time.monotonic()
         while aged.stats().pages_used and time.monotonic() < start + 10:  # the idle engine wakes up by itself
-            await asyncio.sleep(0.1)
+            time.sleep(0.1)
         st = aged.stats()
         assert st.pages_used == 0 and st.pages_live == 0 and st.evictions == 1
         assert "s" not in aged.resident_sessions() and aged.has_session("s")  # ids kept, pages gone
         assert time.monotonic() - start >= 0.5  # not before the TTL's fading half, at least
-        rebuilt, plain = await turn(aged, "s", second), await turn(kept, "s", second)
+        rebuilt, plain = turn(aged, "s", second), turn(kept, "s", second)
         assert rebuilt[0].reprefill_s is not None and 0 < rebuilt[0].reprefill_s < 5
         assert plain[0].reprefill_s is None and kept.stats().evictions == 0
         assert [e.token_id for e in rebuilt] == [e.token_id for e in plain]  # same cache, same tokens

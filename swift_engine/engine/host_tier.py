@@ -34,7 +34,6 @@ STAGING_BYTES = 256 << 20
 # one host<->device copy at most: a decode step's own small copies (metadata in, sampled ids out) may
 # queue behind one on the copy engine, so keep it well under a step (~0.3 ms of PCIe 5)
 COPY_BYTES = 16 << 20
-PIN_CHUNK = 1 << 30  # pinned in 1 GiB registrations (one huge one can take seconds without a sign of life)
 
 
 def pool_tensors(cache: SinkWindowCache) -> list[torch.Tensor]:
@@ -247,15 +246,11 @@ def pinned(owner: object, nbytes: int) -> torch.Tensor:
     PyTorch's pinned allocator rounds a block up to a power of two (80 GB would take 128 GiB)."""
     raw = torch.empty(nbytes + mmap.PAGESIZE, dtype=torch.uint8)
     t = raw[(-raw.data_ptr()) % mmap.PAGESIZE:][:nbytes]  # page-aligned: the pieces never share a page
-    cudart, base = torch.cuda.cudart(), t.data_ptr()
-    chunks = list(range(base, base + nbytes, PIN_CHUNK))
-    for p in chunks:
-        torch.cuda.check_error(cudart.cudaHostRegister(p, min(PIN_CHUNK, base + nbytes - p), 0))
-    # the finalizer holds the memory: it is unregistered before it can be freed
-    weakref.finalize(owner, _unpin, raw, chunks)
+    # one registration: a copy may not span two of them (cudaErrorInvalidValue on the H200)
+    torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 0))
+    weakref.finalize(owner, _unpin, raw, t.data_ptr())  # holds the memory: unregistered before it is freed
     return t
 
 
-def _unpin(raw: torch.Tensor, chunks: list[int]) -> None:
-    for p in chunks:
-        torch.cuda.cudart().cudaHostUnregister(p)
+def _unpin(raw: torch.Tensor, base: int) -> None:
+    torch.cuda.cudart().cudaHostUnregister(base)

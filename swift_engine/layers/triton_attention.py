@@ -70,7 +70,7 @@ if HAVE_TRITON:
     @triton.jit
     def _fp8_quant(x, scale):
         safe = tl.where(scale > 0, scale, 1.0)
-        return tl.clamp(x / safe, -448.0, 448.0).to(tl.float8e4nv)
+        return tl.clamp(tl.math.div_rn(x, safe), -448.0, 448.0).to(tl.float8e4nv)  # rounded as torch divides
 
     # lengths and split counts change from step to step: not specialized on (Triton would compile a
     # variant for values of 1 and multiples of 16, mid-serving, on the engine thread)
