@@ -73,4 +73,8 @@ def test_round_trip_is_byte_for_byte_and_the_session_continues_bit_identical():
 
 def test_host_memory_is_pinned():
     c = core(num_pages=160, host_sessions=1)
-    assert c.host.host.is_pinned() and c.host.num_pages == 66
+    assert c.host.num_pages == 66
+    # registered page-locked memory (torch's is_pinned() knows only its own allocator's blocks): a second
+    # registration of the same range is refused as already registered
+    err = torch.cuda.cudart().cudaHostRegister(c.host.host.data_ptr(), c.host.host.numel(), 0)
+    assert int(err) == 712  # cudaErrorHostMemoryAlreadyRegistered
