@@ -57,6 +57,7 @@ async def test_a_rebuilt_pinned_session_continues_exactly(client):
     b = [dict(m) for m in a]
     for sid, history in (("fo-a", a), ("fo-b", b)):
         await turn(client, sid, history, max_tokens=20)
+    await asyncio.sleep(2.5)  # this handle's router learns fo-b's holder from routing stats (period 0.5 s)
     handle = serve.get_deployment_handle("LLMServer", app_name="swiftserve")
     await handle.options(session_id="fo-b").drop_cached.remote("fo-b")
     for sid, history in (("fo-a", a), ("fo-b", b)):
