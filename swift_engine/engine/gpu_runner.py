@@ -111,8 +111,10 @@ class GpuRunner:
         self.use_gemv = config.triton_gemv and self.device.type == "cuda" \
             and model.lm_head.weight.dtype != torch.float32
         self.fused.gemv_cfg["sms"] = self.sms
-        for bucket in self.buckets if self.use_graphs else ():
-            self._capture(bucket)  # at start, as vLLM does: a bucket's first use mid-serving stalled every session
+        # every graph at start, as vLLM does: a bucket's first use mid-serving stalled every session
+        for wide in (False, True) if cache.max_sinks > cache.S else (False,):
+            for bucket in self.buckets if self.use_graphs else ():
+                self._capture(bucket, wide)
 
     def scales(self, layer: int):
         """The layer's (k_scale, v_scale) for an fp8 cache, else None."""
@@ -152,8 +154,6 @@ class GpuRunner:
         bucket = next((b for b in self.buckets if b >= B), None) if self.use_graphs else None
         wide = any(p.sink_len > self.cache.S for p in plans)
         graphs = self.wide_graphs if wide else self.graphs
-        if bucket is not None and bucket not in graphs:
-            self._capture(bucket, wide)  # first: capture resets the host buffer
         if bucket is not None and self._fill(chunks, plans, bucket):
             graph, out = graphs[bucket]
             self.dev[:bucket].copy_(torch.from_numpy(self.host[:bucket]))
