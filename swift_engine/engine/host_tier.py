@@ -46,10 +46,6 @@ def pool_tensors(cache: SinkWindowCache) -> list[torch.Tensor]:
             *(s.view(-1, s.shape[-1]) for s in (cache.k_scale, cache.v_scale))]
 
 
-def page_bytes(cache: SinkWindowCache) -> int:
-    return sum(t[:, :cache.P].numel() * t.element_size() for t in pool_tensors(cache))
-
-
 @dataclass
 class HostEntry:
     """Where a session's pages sit in the host tier, and the page table's shape to rebuild."""
@@ -65,7 +61,8 @@ class HostEntry:
 class HostTier:
     def __init__(self, cache: SinkWindowCache, capacity_bytes: int):
         self.cache = cache
-        self.page_bytes = page_bytes(cache)
+        # what one page of the copied tensors takes (cache.page_bytes' figure, counted from the tensors)
+        self.page_bytes = sum(t[:, :cache.P].numel() * t.element_size() for t in pool_tensors(cache))
         self.num_pages = capacity_bytes // self.page_bytes
         device = cache.k.device
         self.cuda = device.type == "cuda"
