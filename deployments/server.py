@@ -152,7 +152,9 @@ class LLMServer:
 
     def _learn_pinned(self, sid: str, key: str | None) -> None:
         """Remember which engine region a request's pinned_key names, for the routing stats."""
-        snap = self.engine.snapshot(sid) if key else None
+        if not key or key in self.pinned_keys:  # equal system messages render to equal ids: learnt once
+            return
+        snap = self.engine.snapshot(sid)
         if snap is not None and snap.pinned_tokens:
             self.pinned_keys[key] = pinned_hash(self.args.engine.model, snap.sink_ids)
 

@@ -49,13 +49,11 @@ class EngineView:
 
 def view_of(core: EngineCore) -> EngineView:
     """One pass over the sessions (engine thread only)."""
-    resident, in_host, with_pages, evictable, running, live = [], [], 0, 0, 0, 0.0
+    resident, with_pages, evictable, running, live = [], 0, 0, 0, 0.0
     now, ttl, host = time.monotonic(), core.config.idle_cache_ttl_s, core.host
     for sid, s in core.sessions.items():
         if s.table.pages or s.running:
             resident.append(sid)
-        elif host.holds(sid):
-            in_host.append(sid)
         with_pages += bool(s.table.pages)
         if s.running:
             running += 1
@@ -73,4 +71,5 @@ def view_of(core: EngineCore) -> EngineView:
         evictions=sched.evictions, offloads=host.offloads, reloads=host.reloads, host_drops=host.drops,
         host_cache_bytes_used=host.bytes_used, host_cache_bytes_total=host.num_pages * host.page_bytes,
         pages_shared=cache.pinned.pages_saved(), reprefills=core.reprefills, tokens_generated=core.tokens_generated)
-    return EngineView(stats, tuple(resident), tuple(resident + in_host), tuple(cache.pinned.regions))
+    held = tuple(dict.fromkeys((*resident, *host.entries)))  # a queued turn may still be in the host tier
+    return EngineView(stats, tuple(resident), held, tuple(cache.pinned.regions))
