@@ -17,7 +17,7 @@ ENGINE = {**local_app_spec()["args"]["engine"], "window_tokens": 60, "num_pages"
 HI, AGAIN = {"role": "user", "content": "hello there"}, {"role": "user", "content": "and again"}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture  # one app per test: an earlier test's idle sessions would be the LRU victims here
 def app(ray_local):
     with running_app(args_update={"engine": ENGINE, "store_key_prefix": "idle"}) as url:
         yield url
@@ -62,8 +62,7 @@ async def test_an_evicted_session_resumes_from_the_host_tier_without_a_re_prefil
                 return
         raise AssertionError("no session landed on the owner's replica")
 
-    control, _ = await two_turns(client, "control")
-    _, first, _ = await stream_turn(client, "warm", [HI], max_tokens=5)
+    _, first, _ = await stream_turn(client, "warm", [HI], max_tokens=5)  # alone, so the first one evicted
     offloads = (await owner_stats())["offloads"]
     await crowd()
     st = await owner_stats()
@@ -72,6 +71,7 @@ async def test_an_evicted_session_resumes_from_the_host_tier_without_a_re_prefil
     headers, second, _ = await stream_turn(client, "warm", [HI, {"role": "assistant", "content": first}, AGAIN],
                                            max_tokens=5)
     assert "x-swiftserve-reprefill-ms" not in headers  # the same replica kept it: not rebuilt from the store
+    control, _ = await two_turns(client, "control")  # after: an older idle session would be evicted first
     assert first + "|" + second == control
     for _ in range(50):  # the handle's router may still be learning the holder from stats (period 0.5 s)
         if (await owner_stats())["reloads"] == reloads + 1:
