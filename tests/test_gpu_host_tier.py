@@ -47,7 +47,9 @@ def ids(n: int, seed: int) -> list[int]:
 def pages_bytes(c: EngineCore, sid: str) -> list[torch.Tensor]:
     t = c.sessions[sid].table
     pages = torch.tensor(t.sink_pages + list(t.window_pages), device="cuda")
-    return [x.view(x.shape[0], -1, P, *x.shape[2:])[:, pages].clone() for x in (c.cache.k, c.cache.v)]
+    # as bytes: slots never written hold whatever torch.empty gave, NaN patterns included (NaN != NaN)
+    return [x.view(x.shape[0], -1, P, *x.shape[2:])[:, pages].contiguous().view(torch.uint8)
+            for x in (c.cache.k, c.cache.v)]
 
 
 def test_round_trip_is_byte_for_byte_and_the_session_continues_bit_identical():

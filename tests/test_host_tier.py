@@ -1,6 +1,7 @@
 """Host tier on the CPU (a second memory pool): sessions move resident -> host -> ids only under page
 pressure, come back from the host tier bit-identical without a re-prefill, and every tier is counted."""
 import asyncio
+import threading
 
 import pytest
 from pydantic import ValidationError
@@ -98,7 +99,14 @@ async def test_a_failed_step_sends_a_queued_host_tier_session_back_to_its_ids():
         raise RuntimeError("injected device fault")
 
     e.core.runner.run = broken  # fails "a"'s step while the turn of "s" waits (max_running 1)
-    results = await asyncio.gather(turn(e, "a", n=3), turn(e, "s", n=3), return_exceptions=True)
+    held, release = threading.Event(), threading.Event()
+    e._call(lambda: (held.set(), release.wait()))  # both submissions reach one drain: "s" is surely queued
+    assert held.wait(10)
+    both = asyncio.gather(turn(e, "a", n=3), turn(e, "s", n=3), return_exceptions=True)
+    while e._inbox.qsize() < 2:
+        await asyncio.sleep(0.01)
+    release.set()
+    results = await both
     assert all(isinstance(r, EngineError) for r in results)
     assert not e.core.host.holds("s")  # one way back after a failure: its retained ids
     before = e.stats()
