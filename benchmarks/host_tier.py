@@ -206,7 +206,7 @@ def clone(core: EngineCore, sid: str, src: str) -> None:
     (not what is measured). Makes room as a new session would (evicting the least recently used)."""
     s0 = core.sessions[src]
     n = s0.table.pages
-    while not core.scheduler._make_room(n, core.sessions):
+    while not core.scheduler._make_room(n, core.with_pages()):
         if not core.host.busy():
             raise RuntimeError("the pool cannot hold one more session")
         core.host.wait()
@@ -222,7 +222,7 @@ def clone(core: EngineCore, sid: str, src: str) -> None:
     for x in (core.cache.k, core.cache.v):
         pv = paged(x, core.cache.P)
         pv.index_copy_(1, dst_idx, pv.index_select(1, src_idx))
-    core.sessions[sid] = s
+    core.sessions[sid] = core.resident[sid] = s
 
 
 def tier_of(core: EngineCore, sid: str) -> str:

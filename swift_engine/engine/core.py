@@ -61,6 +61,9 @@ class EngineCore:
         self.runner = runner if group is None else StepBroadcaster(runner, group)  # rank 0 of a TP engine
         self.sampler = Sampler(a.vocab_size, self.runner.device)
         self.sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
+        # those that may hold pages, in the same order: the per-step walks (view, eviction, ageing) go over
+        # these, not over the many more known as ids only (max_idle_sessions); see `with_pages`
+        self.resident: OrderedDict[str, Session] = OrderedDict()
         self.vocab_size = a.vocab_size
         self.tokens_generated = 0
         self.reprefills = 0
@@ -70,7 +73,8 @@ class EngineCore:
     # ---- submission -------------------------------------------------------
     def submit(self, req: Request, messages: list[dict] | None = None) -> None:
         """Validate and queue. Raises typed errors; on error nothing changes."""
-        self.idle.trim(self.sessions, keep=req.session_id, in_host=self.host.holds)
+        ids_only = len(self.sessions) - len(self.with_pages()) - len(self.host.entries)
+        self.idle.trim(self.sessions, ids_only, keep=req.session_id, in_host=self.host.holds)
         session = self.sessions.get(req.session_id)
         if session is not None and session.running:
             raise SessionBusyError(f"session {req.session_id!r} already has a request running")
@@ -89,8 +93,9 @@ class EngineCore:
             req.stopper = StopStringMatcher(p.stop)
         if pinned:
             session.pin(pinned)
-        self.sessions[req.session_id] = session
-        self.sessions.move_to_end(req.session_id)
+        for known in (self.sessions, self.resident):  # a session gains pages only in a turn
+            known[req.session_id] = session
+            known.move_to_end(req.session_id)
         session.running = True
         self.scheduler.add(req)
 
@@ -172,7 +177,17 @@ class EngineCore:
         self.cache.release(session.table)
         self.host.discard(session_id)
         del self.sessions[session_id]
+        self.resident.pop(session_id, None)
         return True
+
+    def with_pages(self) -> "OrderedDict[str, Session]":
+        """The sessions holding pages or running, least recently used first (engine thread). Costs
+        what they number, not what the sessions known do: those that lost their pages leave here."""
+        gone = [sid for sid, s in self.resident.items()
+                if not (s.running or s.table.pages) or self.sessions.get(sid) is not s]
+        for sid in gone:
+            del self.resident[sid]
+        return self.resident
 
     def _session(self, session_id: str) -> Session:
         if session_id not in self.sessions:
@@ -185,7 +200,7 @@ class EngineCore:
 
     def age_caches(self) -> None:
         """Idle sessions past idle_cache_ttl_s give their pages back (cheap: see CacheAgeing.age)."""
-        self.ageing.age(self.sessions, self.scheduler, time.monotonic())
+        self.ageing.age(self.with_pages(), self.scheduler, time.monotonic())
 
     def step(self) -> None:
         """One engine step: schedule -> run the model -> postprocess (account, sample, emit)."""
@@ -199,7 +214,7 @@ class EngineCore:
         self.host.poll()
         for req in self.scheduler.take_aborted():
             self._complete(req, finish_reason="cancelled")
-        for req in self.scheduler.admit(self.sessions):
+        for req in self.scheduler.admit(self.with_pages()):
             self._start(req)
         return self.scheduler.select()
 

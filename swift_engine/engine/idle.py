@@ -34,21 +34,26 @@ class IdleBound:
                 session.held_until = time.monotonic() + HOLD_S
             return session is not None
 
-    def trim(self, sessions: "OrderedDict[str, Session]", keep: str, in_host: Callable[[str], bool]) -> None:
-        """Forget idle sessions past the count bound (least recently used first: `sessions` is
-        LRU-ordered) and those idle longer than the age bound; never `keep` (being submitted) nor
-        a held one (so the count may be exceeded by sessions whose turn is on its way), nor one in
-        the host tier (bounded by its bytes; it falls to ids only from there)."""
+    def trim(self, sessions: "OrderedDict[str, Session]", ids_only: int, keep: str,
+             in_host: Callable[[str], bool]) -> None:
+        """Forget idle sessions past the count bound (`ids_only`: those known without pages or a host
+        copy) and those idle longer than the age bound, least recently used first (`sessions` is
+        LRU-ordered); never `keep` (being submitted) nor a held one (its turn is on its way: an older
+        one goes in its place), nor one in the host tier (bounded by its bytes; it falls to ids only
+        from there). The walk stops at the first it keeps: it costs what it forgets, not what is known."""
         now = time.monotonic()
-        if len(sessions) <= self.max_idle and now - self.checked_at < CHECK_EVERY_S:
+        if ids_only <= self.max_idle and now - self.checked_at < CHECK_EVERY_S:
             return
         self.checked_at = now
+        excess, gone = ids_only - self.max_idle, []
         with self.lock:
-            idle = [sid for sid, s in sessions.items()
-                    if sid != keep and not s.running and not s.table.pages and s.held_until < now
-                    and not in_host(sid)]
-            excess = len(idle) - self.max_idle
-            for i, sid in enumerate(idle):
-                if i < excess or now - sessions[sid].last_used > self.ttl:
-                    del sessions[sid]
-                    self.forgotten += 1
+            for sid, s in sessions.items():
+                if sid == keep or s.running or s.table.pages or s.held_until >= now or in_host(sid):
+                    continue
+                if excess <= 0 and now - s.last_used <= self.ttl:
+                    break  # the rest were used more recently
+                gone.append(sid)
+                excess -= 1
+            for sid in gone:
+                del sessions[sid]
+            self.forgotten += len(gone)

@@ -62,7 +62,8 @@ class Scheduler:
             self.running.remove(req)
 
     def admit(self, sessions: "OrderedDict[str, Session]") -> list[Request]:
-        """Move waiting requests to running while pages (after LRU eviction) allow."""
+        """Move waiting requests to running while pages (after LRU eviction) allow. `sessions`: those
+        holding pages or running (EngineCore.with_pages), least recently used first."""
         admitted = []
         while self.waiting and len(self.running) < self.max_running:
             req = self.waiting[0]
