@@ -236,8 +236,10 @@ def churn(model, L: int, pages: int, host_bytes: int, convs: int, turns: int, zi
     core = make_core(model, L, pages, host_bytes, mbt=4096, max_running=4)
     build_s = time.perf_counter() - t  # pinning the host tier is most of it
     prefill(core, "template", L, 7)
+    core.sessions["template"].running = True  # never the eviction victim while it is copied from
     for i in tqdm(range(convs), desc=f"churn {label}: seed conversations", mininterval=2):
         clone(core, f"c{i}", "template")
+    core.sessions["template"].running = False
     core.drop("template")
     core.host.wait()
     rng = np.random.default_rng(seed)
@@ -328,8 +330,8 @@ def main():
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--batch", type=int, default=16, help="overlap: sessions decoding during the copies")
     p.add_argument("--churn-shape", default="llama3-8b")
-    p.add_argument("--conversations", type=int, default=1000)
-    p.add_argument("--turns", type=int, default=1000, help="returning turns per churn run")
+    p.add_argument("--conversations", type=int, help="churn conversations (default 1000; --smoke 40)")
+    p.add_argument("--turns", type=int, help="returning turns per churn run (default 1000; --smoke 60)")
     p.add_argument("--zipf", type=float, default=1.1)
     p.add_argument("--host-gb", type=float, default=64.0, help="churn: host tier size (the device has 128 GiB)")
     p.add_argument("--gpu-slack-gb", type=float, default=6.0, help="churn: GPU memory left beside the pool")
@@ -338,7 +340,8 @@ def main():
     if a.smoke:
         C.SHAPES["tiny"] = TINY_CONFIG
         a.shapes, a.churn_shape, a.cache, a.reps, a.batch = ["tiny"], "tiny", 64, 2, 2
-        a.conversations, a.turns, a.host_gb = 40, 60, 0.0003
+        a.conversations, a.turns, a.host_gb = a.conversations or 40, a.turns or 60, 0.0003
+    a.conversations, a.turns = a.conversations or 1000, a.turns or 1000
     dtype = torch.bfloat16 if CUDA else torch.float32
     results = dict(S=S, cache_tokens=a.cache, shapes={})
     for name in a.shapes:
