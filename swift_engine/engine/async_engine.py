@@ -155,7 +155,9 @@ class StreamingEngine:
             raise InvalidRequestError(f"pin: expected 'none' or 'system', got {pin!r}")
         req = Request(request_id or uuid.uuid4().hex, session_id, "generate", list(prompt_token_ids or []),
                       emit=None, sampling=_sampling(sampling), pin=pin, pinned_tokens=pinned_tokens)
-        async for event in self._stream(req, lambda r: self.core.submit(r, messages)):
+        # the history check, template and tokens here, not on the engine thread (engine/turn_render.py)
+        rendered = self.core.prerender(session_id, messages, pin) if messages is not None else None
+        async for event in self._stream(req, lambda r: self.core.submit(r, messages, rendered)):
             yield event
 
     async def score(self, session_id: str, token_ids: list[int], pinned_tokens: int = 0) -> list[float | None]:

@@ -11,7 +11,7 @@ from collections import OrderedDict
 import torch
 
 from ..config import EngineConfig
-from ..errors import CapacityError, HistoryMismatchError, InvalidRequestError, SessionBusyError, UnknownSessionError
+from ..errors import CapacityError, EngineError, InvalidRequestError, SessionBusyError, UnknownSessionError
 from ..models.llama import CausalLM
 from ..outputs import SessionSnapshot, Usage
 from ..sampling import Sampler
@@ -26,6 +26,7 @@ from .pinned import pinned_hash
 from .request import Request
 from .scheduler import Scheduler
 from .session import Session, chain_digest
+from .turn_render import RenderedTurn, TurnState, render_turn
 from .tp_group import StepBroadcaster
 
 
@@ -71,8 +72,9 @@ class EngineCore:
         self.ageing = CacheAgeing(config.idle_cache_ttl_s)
 
     # ---- submission -------------------------------------------------------
-    def submit(self, req: Request, messages: list[dict] | None = None) -> None:
-        """Validate and queue. Raises typed errors; on error nothing changes."""
+    def submit(self, req: Request, messages: list[dict] | None = None, rendered: RenderedTurn | None = None) -> None:
+        """Validate and queue. Raises typed errors; on error nothing changes. `rendered`: the turn's
+        `messages` as `prerender` gave them on the caller's thread (used if the session is as it was then)."""
         ids_only = len(self.sessions) - len(self.with_pages()) - len(self.host.entries)
         self.idle.trim(self.sessions, ids_only, keep=req.session_id, in_host=self.host.holds)
         session = self.sessions.get(req.session_id)
@@ -80,12 +82,16 @@ class EngineCore:
             raise SessionBusyError(f"session {req.session_id!r} already has a request running")
         session = session or Session(req.session_id, self.config.sink_tokens, self.config.window_tokens)
         if messages is not None:
-            req.new_ids, req.new_messages = self._render_turn(session, messages)
+            if self.tokenizer is None:
+                raise InvalidRequestError("this engine has no tokenizer: pass prompt_token_ids")
+            if rendered is None or rendered.state != TurnState.of(session):
+                rendered = render_turn(self.tokenizer, TurnState.of(session), session.id, messages, req.pin)
+            req.new_ids, req.new_messages = rendered.ids, rendered.new_messages
         self._check_ids(req.new_ids, allow_empty=req.kind == "reprefill")
         if len(req.new_ids) > self.config.max_prompt_tokens:
             raise InvalidRequestError(f"turn has {len(req.new_ids)} prompt tokens; the limit "
                                       f"(max_prompt_tokens) is {self.config.max_prompt_tokens}")
-        pinned = self._pinned_length(session, req, messages)
+        pinned = self._pinned_length(session, req, rendered)
         if req.kind == "generate":
             p = req.sampling
             self.sampler.prepare(req)
@@ -99,28 +105,25 @@ class EngineCore:
         session.running = True
         self.scheduler.add(req)
 
-    def _render_turn(self, session: Session, messages: list[dict]) -> tuple[list[int], list[dict]]:
+    def prerender(self, session_id: str, messages: list[dict], pin: str) -> RenderedTurn | None:
+        """A turn's messages rendered on the caller's thread (engine/turn_render.py), or None where that
+        fails: then `submit` renders them on the engine thread and raises what is wrong there."""
         if self.tokenizer is None:
-            raise InvalidRequestError("this engine has no tokenizer: pass prompt_token_ids")
-        n = session.messages_consumed
-        if len(messages) <= n or chain_digest("", messages[:n]) != session.messages_digest:
-            raise HistoryMismatchError(
-                f"session {session.id!r} has consumed {n} messages; the request's {len(messages)} "
-                "messages do not extend them (send the full history, unchanged, plus new messages)")
-        new = messages[n:]
-        ids = self.tokenizer.render_messages(new, first_turn=session.tokens_seen == 0)
-        if session.open_turn:
-            ids = [self.tokenizer.end_of_turn_id] + ids
-        return ids, new
+            return None
+        try:  # one read of the session's state (another thread's turn may be ending: submit checks it)
+            return render_turn(self.tokenizer, TurnState.of(self.sessions.get(session_id)), session_id,
+                               messages, pin)
+        except EngineError:
+            return None
 
-    def _pinned_length(self, session: Session, req: Request, messages: list[dict] | None) -> int:
+    def _pinned_length(self, session: Session, req: Request, rendered: RenderedTurn | None) -> int:
         """P of a new session's pinned region (0: none, the S sinks as usual): BOS + its system prompt
         (pin="system"), or its first req.pinned_tokens ids; at least S, at most max_pinned_tokens."""
         if session.tokens_seen or session.needs_reprefill:
             return 0  # pinning applies to a session's first turn only
         n = req.pinned_tokens
-        if req.pin == "system" and messages is not None:
-            n = self.tokenizer.pinned_prefix(messages, req.new_ids)
+        if req.pin == "system" and rendered is not None:
+            n = rendered.pinned or 0
         limit = self.config.max_pinned_tokens
         if n < 0:
             raise InvalidRequestError(f"pinned_tokens must be >= 0, got {n}")
