@@ -245,3 +245,29 @@ def free(*objs) -> None:
 
 def log(*a) -> None:
     print(*a, flush=True)
+
+
+def line_plot(name: str, xs: list, lines: list[tuple[str, list, dict]], xlabel: str, ylabel: str, title: str,
+              ylog: bool = False) -> Path:
+    """results_dir()/<name>.png: one line per (label, ys, matplotlib style), x on a log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, ys, style in lines:
+        ax.plot(xs, ys, label=label, **{"marker": "o", **style})
+    ax.set_xscale("log")
+    if ylog:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = results_dir() / f"{name}.png"
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+    return path

@@ -125,28 +125,15 @@ def main() -> None:
 
 
 def plot(rows: list[dict], before: list[dict] | None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    xs = [max(r["known_ids_only"], 1) for r in rows]
-    for key, label in (("view_ms", "published view"), ("step_ms", "decode step (8 running) + view"),
-                       ("evicting_turn_ms", "new session's turn that evicts")):
-        line, = ax.plot(xs, [r[key] for r in rows], marker="o", label=label)
+    lines = []
+    for i, (key, label) in enumerate((("view_ms", "published view"), ("step_ms", "decode step (8 running) + view"),
+                                      ("evicting_turn_ms", "new session's turn that evicts"))):
+        lines.append((label, [r[key] for r in rows], {"color": f"C{i}"}))
         if before:
-            ax.plot(xs, [b[key] for b in before], marker="x", ls="--", color=line.get_color(), label=f"{label}, before")
-    ax.set_xscale("log")
-    ax.set_xlabel("ids-only sessions known (0 plotted at 1)")
-    ax.set_ylabel("ms (median)")
-    ax.set_title("engine-thread bookkeeping vs sessions known (tiny model, CPU)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = C.results_dir() / "known_sessions.png"
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+            lines.append((f"{label}, before", [b[key] for b in before], {"color": f"C{i}", "marker": "x", "ls": "--"}))
+    C.line_plot("known_sessions", [max(r["known_ids_only"], 1) for r in rows], lines,
+                "ids-only sessions known (0 plotted at 1)", "ms (median)",
+                "engine-thread bookkeeping vs sessions known (tiny model, CPU)")
 
 
 if __name__ == "__main__":

@@ -94,28 +94,13 @@ def main() -> None:
 
 
 def plot(rows: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    xs = [r["history_messages"] for r in rows]
-    for key, label in (("engine_renders_us", "engine thread, rendering (before)"),
-                       ("prerendered_us", "engine thread, prerendered (now)"),
-                       ("caller_us", "caller's thread, rendering (now)")):
-        ax.plot(xs, [r[key] for r in rows], marker="o", label=label)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("messages in the history the client resends")
-    ax.set_ylabel("us per turn accepted (median)")
-    ax.set_title("accepting a chat turn (tiny model's tokenizer, CPU)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = C.results_dir() / "turn_render.png"
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    lines = [(label, [r[key] for r in rows], {}) for key, label in (
+        ("engine_renders_us", "engine thread, rendering (before)"),
+        ("prerendered_us", "engine thread, prerendered (now)"),
+        ("caller_us", "caller's thread, rendering (now)"))]
+    C.line_plot("turn_render", [r["history_messages"] for r in rows], lines,
+                "messages in the history the client resends", "us per turn accepted (median)",
+                "accepting a chat turn (tiny model's tokenizer, CPU)", ylog=True)
 
 
 if __name__ == "__main__":
