@@ -47,8 +47,8 @@ class EngineConfig(BaseModel):
         True, description="triton backend: decode projections through the Triton GEMV (False: cuBLAS)")
     host_cache_bytes: ByteSize = Field(
         0, ge=0, description="host tier: idle sessions' cache pages are copied to this much host memory "
-        "(pinned on CUDA; an int or '64GiB') instead of being dropped, and copied back on their next turn; "
-        "0: off (engine/host_tier.py)")
+        "(pinned on CUDA; an int or '64GiB'; per rank under tensor parallelism) instead of being dropped, "
+        "and copied back on their next turn; 0: off (engine/host_tier.py)")
     max_idle_sessions: int = Field(
         10_000, ge=0, description="sessions kept as ids only (no cache pages); beyond it the least "
         "recently used are forgotten and rebuilt from the store on their next turn")

@@ -59,7 +59,7 @@ class EngineCore:
             raise CapacityError(f"num_pages={self.cache.num_pages} cannot hold one session: it needs "
                                 f"{self.scheduler.reserve} pages of {config.page_size} tokens")
         runner, group = ModelRunner(model, self.cache, config), getattr(model, "tp_group", None)
-        self.runner = runner if group is None else StepBroadcaster(runner, group)  # rank 0 of a TP engine
+        self.runner = runner if group is None else StepBroadcaster(runner, group, self.host)  # rank 0 of a TP engine
         self.sampler = Sampler(a.vocab_size, self.runner.device)
         self.sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         # those that may hold pages, in the same order: the per-step walks (view, eviction, ageing) go over

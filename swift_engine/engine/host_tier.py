@@ -14,6 +14,10 @@ small device staging buffer (pool pages are not contiguous, host pages mostly ar
 steps on the compute stream go on meanwhile. Pages leaving the pool return to its free list
 only once their copy has finished; a returning session is left out of steps until its
 pages have arrived.
+
+Tensor parallel: each rank's pool holds its own heads of the same pages. Rank 0's tier decides
+and records each copy (`ops`); the step plan carries them to the other ranks, whose tiers
+`replay` them on their own pages and memory before the step's forward.
 """
 from __future__ import annotations
 
@@ -79,6 +83,7 @@ class HostTier:
         self.leaving: deque[tuple[object, list[int]]] = deque()  # (copy done, pool pages) of offloads
         self.arriving: dict[str, object] = {}  # session id -> copy done, of reloads under way
         self.offloads = self.reloads = self.drops = 0
+        self.ops: list[tuple[str, list[int], list[int]]] | None = None  # rank 0 of a TP engine: copies made
 
     # ---- pool -> host ---------------------------------------------------------------
     def offload(self, session: Session) -> bool:
@@ -102,9 +107,7 @@ class HostTier:
         self.entries[session.id] = HostEntry(session, host, len(table.sink_pages), table.sink_len,
                                              table.window_start, table.window_len, table.pinned_hash)
         with self._copying():
-            idx, n = self._index(gpu), len(self.staging)
-            for i in range(0, len(gpu), n):
-                self._out(idx[i:i + n], host[i:i + n])
+            self._copy_out(gpu, host)
             # shared pinned pages leave the pool only with their last table (copied here all the same:
             # the region may be gone when this session comes back)
             sinks = self.cache.pinned.release(table) if table.pinned_hash else table.sink_pages
@@ -113,6 +116,13 @@ class HostTier:
         table.sink_len = table.window_len = table.window_start = 0
         self.offloads += 1
         return True
+
+    def _copy_out(self, gpu: list[int], host: list[int]) -> None:
+        idx, n = self._index(gpu), len(self.staging)
+        for i in range(0, len(gpu), n):
+            self._out(idx[i:i + n], host[i:i + n])
+        if self.ops is not None:
+            self.ops.append(("out", gpu, host))
 
     def _out(self, idx: torch.Tensor, host: list[int]) -> None:
         stage = self.staging[:len(host)]
@@ -134,9 +144,7 @@ class HostTier:
         wanted = entry.pages[entry.sink_pages:] if shared else entry.pages  # a resident region is not copied
         gpu = [self.cache.free.popleft() for _ in wanted]
         with self._copying():
-            idx, n = self._index(gpu), len(self.staging)
-            for i in range(0, len(gpu), n):
-                self._in(wanted[i:i + n], idx[i:i + n])
+            self._copy_in(wanted, gpu)
             if self.cuda:
                 self.arriving[session_id] = self._done()
         self.free.extend(entry.pages)
@@ -148,6 +156,13 @@ class HostTier:
                 self.cache.pinned.publish(table, entry.pinned_hash)
         table.sink_len, table.window_start, table.window_len = entry.sink_len, entry.window_start, entry.window_len
         self.reloads += 1
+
+    def _copy_in(self, host: list[int], gpu: list[int]) -> None:
+        idx, n = self._index(gpu), len(self.staging)
+        for i in range(0, len(gpu), n):
+            self._in(host[i:i + n], idx[i:i + n])
+        if self.ops is not None:
+            self.ops.append(("in", host, gpu))
 
     def _in(self, host: list[int], idx: torch.Tensor) -> None:
         stage = self.staging[:len(host)]
@@ -162,6 +177,17 @@ class HostTier:
             self.arriving.pop(session_id, None)
             return True
         return False
+
+    def replay(self, ops: list[tuple[str, list[int], list[int]]]) -> None:
+        """Ranks 1..N-1: rank 0's copies since the last step, on this rank's pages, ordered before the
+        step's forward (which may write pages just copied out, or read pages just copied in)."""
+        if not ops:
+            return
+        with self._copying():
+            for kind, a, b in ops:
+                (self._copy_out if kind == "out" else self._copy_in)(a, b)
+        if self.stream is not None:
+            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
 
     # ---- bookkeeping ------------------------------------------------------------------
     def discard(self, session_id: str) -> None:

@@ -91,16 +91,19 @@ class TensorParallelGroup:
 
 class StepBroadcaster:
     """Rank 0's model runner: sends each step's plan to the other ranks, then runs its own share.
-    Every rank runs the same plan, so the collectives inside the forward line up."""
+    Every rank runs the same plan, so the collectives inside the forward line up. The plan carries
+    the host tier's copies since the last step (engine/host_tier.py): each rank moves its own pages."""
 
-    def __init__(self, runner, group: TensorParallelGroup):
-        self.runner, self.group, self.device = runner, group, runner.device
+    def __init__(self, runner, group: TensorParallelGroup, host):
+        self.runner, self.group, self.device, self.host = runner, group, runner.device, host
+        host.ops = []
 
     def run(self, chunks, plans, logit_rows):
         if self.group.broken:  # fail fast: the other ranks may be stuck in the failed step's collectives
             raise RuntimeError("a tensor-parallel step failed earlier: this engine must be restarted")
         try:
-            self.group.send_step((chunks, plans, logit_rows))
+            ops, self.host.ops = self.host.ops, []
+            self.group.send_step((ops, chunks, plans, logit_rows))
             return self.runner.run(chunks, plans, logit_rows)
         except Exception:
             self.group.broken = True  # the replica fails as a whole (health check), sessions fail over

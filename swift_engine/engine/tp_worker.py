@@ -1,8 +1,9 @@
 """Ranks 1..N-1 of a tensor-parallel engine: load this rank's share, then run rank 0's steps.
 
 No scheduler, sessions or sampling here: rank 0 decides every step and sends its plan
-(token ids, page lists, slots); this rank writes its KV heads into the same slots of its own
-page pool and joins the forward's collectives. `spawn_workers` runs the ranks as local
+(token ids, page lists, slots, the host tier's copies); this rank writes its KV heads into the
+same slots of its own page pool, moves its own pages to and from the host tier as rank 0's did,
+and joins the forward's collectives. `spawn_workers` runs the ranks as local
 processes (CPU tests, benchmarks, a bare GPU box); deployments/tp_workers.py runs them as Ray
 actors in the replica's placement group. Either is a `start_workers(config, address)`.
 """
@@ -21,6 +22,7 @@ from ..models.loader import load_engine_model, read_config, resolve_model_dir
 from ..models.tensor_parallel import check_tensor_parallel
 from .cache_fit import fit_cache_to_model
 from .core import kv_cache_for
+from .host_tier import HostTier
 from .model_runner import ModelRunner
 from .tp_group import TensorParallelGroup, Workers, free_address
 
@@ -35,9 +37,12 @@ def run_worker(config: EngineConfig, rank: int, address: str) -> None:
     try:
         model = load_engine_model(config, progress=False, group=group)
         config = fit_cache_to_model(config, model.args)
-        runner = ModelRunner(model, kv_cache_for(config, model), config)
+        cache = kv_cache_for(config, model)
+        runner, host = ModelRunner(model, cache, config), HostTier(cache, config.host_cache_bytes)
         while (step := group.receive_step()) is not None:
-            runner.run(*step)
+            ops, *plan = step
+            host.replay(ops)  # rank 0's host-tier copies, on this rank's own heads' pages
+            runner.run(*plan)
     finally:
         group.close()
 
