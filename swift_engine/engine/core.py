@@ -11,7 +11,7 @@ from collections import OrderedDict
 import torch
 
 from ..config import EngineConfig
-from ..errors import CapacityError, EngineError, InvalidRequestError, SessionBusyError, UnknownSessionError
+from ..errors import CapacityError, InvalidRequestError, SessionBusyError, UnknownSessionError
 from ..models.llama import CausalLM
 from ..outputs import SessionSnapshot, Usage
 from ..sampling import Sampler
@@ -107,13 +107,14 @@ class EngineCore:
 
     def prerender(self, session_id: str, messages: list[dict], pin: str) -> RenderedTurn | None:
         """A turn's messages rendered on the caller's thread (engine/turn_render.py), or None where that
-        fails: then `submit` renders them on the engine thread and raises what is wrong there."""
+        fails (whatever the reason): then `submit` renders them on the engine thread and raises what is
+        wrong there, as it would have without this."""
         if self.tokenizer is None:
             return None
         try:  # one read of the session's state (another thread's turn may be ending: submit checks it)
             return render_turn(self.tokenizer, TurnState.of(self.sessions.get(session_id)), session_id,
                                messages, pin)
-        except EngineError:
+        except Exception:
             return None
 
     def _pinned_length(self, session: Session, req: Request, rendered: RenderedTurn | None) -> int:
