@@ -53,8 +53,15 @@ class RotaryTable:
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [N, H, D] rotated at positions [N] (HF's layouts); dims past the table's pass through."""
-        cos = self.cos[positions][:, None, :]
-        sin = self.sin[positions][:, None, :]
+        return self.apply(x, self.factors(positions))
+
+    def factors(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [N, 1, D/2] of positions [N]: gathered once, applied to many (`apply`)."""
+        return self.cos[positions][:, None, :], self.sin[positions][:, None, :]
+
+    def apply(self, x: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x [..., N, H, D] rotated by `factors` of N positions."""
+        cos, sin = factors
         r = 2 * cos.shape[-1]
         if self.interleaved:  # GLM: pairs (2i, 2i+1)
             x1, x2 = x[..., 0:r:2], x[..., 1:r:2]
