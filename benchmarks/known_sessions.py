@@ -59,8 +59,9 @@ def core_with(known: int) -> EngineCore:
 
 
 def turn(core: EngineCore, sid: str, n_prompt: int, max_tokens: int) -> Request:
-    req = Request(f"{sid}-{time.monotonic_ns()}", sid, "generate", [(7 * i + len(sid)) % 250 + 3 for i in range(n_prompt)],
-                  emit=lambda ev: None, sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    prompt = [(7 * i + len(sid)) % 250 + 3 for i in range(n_prompt)]
+    req = Request(f"{sid}-{time.monotonic_ns()}", sid, "generate", prompt, emit=lambda ev: None,
+                  sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True))
     core.submit(req)
     return req
 
@@ -117,8 +118,8 @@ def main() -> None:
               f"({r['evicting_turn_ms_over_none']:.2f}x)")
     for r, b in zip(rows, before or []):
         r.update({f"{k}_before": b[k] for k in ("view_ms", "step_ms", "evicting_turn_ms")})
-        print(f"{r['known_ids_only']:>7,} ids-only, before: view {b['view_ms']:.3f} ms ({b['view_ms'] / r['view_ms']:.0f}x "
-              f"now), step {b['step_ms']:.2f} ms, evicting turn {b['evicting_turn_ms']:.2f} ms "
+        print(f"{r['known_ids_only']:>7,} ids-only, before: view {b['view_ms']:.3f} ms "
+              f"({b['view_ms'] / r['view_ms']:.0f}x now), step {b['step_ms']:.2f} ms, evicting turn {b['evicting_turn_ms']:.2f} ms "
               f"({b['evicting_turn_ms'] / r['evicting_turn_ms']:.1f}x now)")
     C.save("known_sessions", {"resident": RESIDENT, "running": RUNNING, "rows": rows})
     plot(rows, before)

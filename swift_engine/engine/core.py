@@ -72,7 +72,8 @@ class EngineCore:
         self.ageing = CacheAgeing(config.idle_cache_ttl_s)
 
     # ---- submission -------------------------------------------------------
-    def submit(self, req: Request, messages: list[dict] | None = None, rendered: RenderedTurn | None = None) -> None:
+    def submit(self, req: Request, messages: list[dict] | None = None,
+               rendered: RenderedTurn | None = None) -> None:
         """Validate and queue. Raises typed errors; on error nothing changes. `rendered`: the turn's
         `messages` as `prerender` gave them on the caller's thread (used if the session is as it was then)."""
         ids_only = len(self.sessions) - len(self.with_pages()) - len(self.host.entries)

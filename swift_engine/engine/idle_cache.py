@@ -34,8 +34,8 @@ class CacheAgeing:
         """Give back the pages of sessions idle longer than the TTL (engine thread, between steps).
 
         `sessions` (those holding pages or running) is in submission order, so the walk stops at the
-        first idle session still young: cheap at any number of sessions. A turn submitted earlier but finished later than its
-        neighbour can hold the neighbour back by at most that turn's length."""
+        first idle session still young: cheap at any number of sessions. A turn submitted earlier but
+        finished later than its neighbour can hold the neighbour back by at most that turn's length."""
         if self.ttl is None or now - self.checked_at < CHECK_EVERY_S:
             return
         self.checked_at = now

@@ -50,11 +50,10 @@ class EngineView:
 def view_of(core: EngineCore) -> EngineView:
     """One pass over the sessions holding pages or running (engine thread only): ids-only ones are
     counted, not walked (a replica knows up to max_idle_sessions of them)."""
-    resident, with_pages, evictable, running, live = [], 0, 0, 0, 0.0
+    sessions = core.with_pages()
+    resident, with_pages, evictable, running, live = list(sessions), 0, 0, 0, 0.0
     now, ttl, host = time.monotonic(), core.config.idle_cache_ttl_s, core.host
-    for sid, s in core.with_pages().items():
-        if s.table.pages or s.running:
-            resident.append(sid)
+    for s in sessions.values():
         with_pages += bool(s.table.pages)
         if s.running:
             running += 1
