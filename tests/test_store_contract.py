@@ -152,13 +152,13 @@ async def test_commit_without_claim_is_stale(store: SessionStore) -> None:
 
 
 async def test_ttl_expires_and_writes_refresh_it(make_store: MakeStore) -> None:
-    store = make_store(ttl_s=0.6)
+    store = make_store(ttl_s=1.5)  # margins of 0.6 s: a loaded host may stall the loop a few hundred ms
     claim = await store.claim("s", "a")
-    await asyncio.sleep(0.35)
+    await asyncio.sleep(0.9)
     await store.commit(claim.record)  # refreshes the TTL
-    await asyncio.sleep(0.35)  # 0.7 s after the claim, 0.35 s after the commit
+    await asyncio.sleep(0.9)  # 1.8 s after the claim, 0.9 s after the commit
     assert await store.get("s") is not None
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(1.2)
     assert await store.get("s") is None
 
 
