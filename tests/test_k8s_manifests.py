@@ -6,8 +6,8 @@ the kustomizations use plain `resources` (plus an optional `images` list, as
 where kubectl is installed the render is compared with `kubectl kustomize`.
 
 - KubeRay objects (RayService, and the RayCluster that KubeRay builds from
-  its rayClusterConfig) validate against the CRDs' openAPIV3Schema in
-  shared/schemas/kuberay (KubeRay v1.7.0), with unknown fields rejected as the
+  its rayClusterConfig) validate against the CRDs' openAPIV3Schema vendored in
+  tests/schemas/kuberay (KubeRay v1.7.0), with unknown fields rejected as the
   API server's strict field validation does, and list-map keys unique.
 - Core objects, and the RayService pod templates, validate against the
   Kubernetes OpenAPI schemas shipped by the `kubernetes-validate` package
@@ -41,9 +41,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
-KUBERAY_SCHEMAS = ROOT.parent / "shared" / "schemas" / "kuberay"
-if not KUBERAY_SCHEMAS.is_dir():  # CI: shared/ beside the clone
-    KUBERAY_SCHEMAS = Path(os.environ.get("SWIFTSERVE_SHARED", "/work/shared")) / "schemas/kuberay"
+KUBERAY_SCHEMAS = ROOT / "tests" / "schemas" / "kuberay"  # vendored CRDs (Apache-2.0; SOURCE.txt, NOTICE)
 
 # overlay -> the Serve config its RayService embeds (one source of truth)
 OVERLAYS = {"gpu": "configs/gpu.yaml", "gpu-tp": "configs/gpu-tp.yaml", "cpu-dev": "configs/local.yaml"}
