@@ -108,13 +108,19 @@ class StreamingEngine:
         for loop, queue_, event in events:
             by_loop.setdefault(loop, []).append((queue_, event))
         for loop, batch in by_loop.items():  # one wake-up per loop per step, not one per token
-            loop.call_soon_threadsafe(_deliver, batch)
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # that caller's loop is closed: its requests end, no one else notices
+                for _, event in batch:
+                    self.core.abort(event.request_id)
 
     def _call(self, fn: Callable[[], object]) -> Future:
         """Run fn on the engine thread between steps; its result or exception lands in the future."""
         fut: Future = Future()
 
         def run() -> None:
+            if not fut.set_running_or_notify_cancel():
+                return  # the caller went away before the call ran (a cancelled submit): nothing to do
             try:
                 fut.set_result(fn())
             except Exception as exc:

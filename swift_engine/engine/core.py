@@ -206,6 +206,8 @@ class EngineCore:
     def age_caches(self) -> None:
         """Idle sessions past idle_cache_ttl_s give their pages back (cheap: see CacheAgeing.age)."""
         self.ageing.age(self.with_pages(), self.scheduler, time.monotonic())
+        if not self.has_work():  # idle: pages whose copy to the host tier finished are free now, not
+            self.host.poll()     # at the next step (the router and metrics read the free count)
 
     def step(self) -> None:
         """One engine step: schedule -> run the model -> postprocess (account, sample, emit)."""
@@ -372,7 +374,7 @@ class EngineCore:
         session.running = False
         session.last_used = time.monotonic()
         req.phase = "done"
-        self.scheduler.finish(req)
+        self.scheduler.finish(req, session)
         usage = Usage(prompt_tokens=len(req.new_ids), completion_tokens=len(req.output_ids))
         req.emit(req.event(finish_reason=finish_reason, usage=usage, logprobs=req.logprobs, **kw))
 

@@ -5,6 +5,12 @@ room, else drops them (the session keeps its ids and re-prefills them on its nex
 
 Every admitted request reserves the most pages its session can need, so a
 running request never meets a full pool mid-turn: new work waits instead.
+
+Admission is first come, first served, as vLLM's and SGLang's schedulers are: the head of the
+queue waits while the pool (after evicting every session that is not admitted, queued ones
+included) cannot hold its reservation, and only admitted turns, which always end, or pages
+coming back from a host-tier copy, can make that room. So the head never waits on a request
+behind it, and a turn that can never fit is refused at submit (`can_ever_fit`, pinned sizes).
 """
 from __future__ import annotations
 
@@ -57,9 +63,10 @@ class Scheduler:
         self.waiting.clear()
         return everything
 
-    def finish(self, req: Request) -> None:
+    def finish(self, req: Request, session: Session) -> None:
         if req in self.running:
             self.running.remove(req)
+        session.admitted = False
 
     def admit(self, sessions: "OrderedDict[str, Session]") -> list[Request]:
         """Move waiting requests to running while pages (after LRU eviction) allow. `sessions`: those
@@ -68,10 +75,11 @@ class Scheduler:
         while self.waiting and len(self.running) < self.max_running:
             req = self.waiting[0]
             session = sessions[req.session_id]
-            if not self._make_room(self.reserve_of(session) - session.table.pages, sessions):
-                break
+            if not self._make_room(self.reserve_of(session) - session.table.pages, sessions, session):
+                break  # it waits only for admitted turns, which end, or pages on their way back from a copy
             self.waiting.popleft()
             self.running.append(req)
+            session.admitted = True
             admitted.append(req)
         return admitted
 
@@ -84,12 +92,14 @@ class Scheduler:
     def _outstanding(self, sessions) -> int:
         return sum(self.reserve_of(s) - s.table.pages for s in (sessions[r.session_id] for r in self.running))
 
-    def _make_room(self, need: int, sessions: "OrderedDict[str, Session]") -> bool:
+    def _make_room(self, need: int, sessions: "OrderedDict[str, Session]", for_session: Session) -> bool:
         """Evict until the pages are free, counting pages still being copied to the host tier as
-        coming (no more evictions for them); False while they are not all back yet."""
+        coming (no more evictions for them); False while they are not all back yet. Any session not
+        admitted is a victim, a queued one too: its turn rebuilds or reloads its pages when admitted,
+        where keeping them could stall the queue's head for ever (it waits for room they hold)."""
         while len(self.cache.free) + self.host.pages_leaving() - self._outstanding(sessions) < need:
-            victim = next((s for s in sessions.values()
-                           if not s.running and s.table.pages and not s.needs_reprefill), None)
+            victim = next((s for s in sessions.values() if s is not for_session and not s.admitted
+                           and s.table.pages and not s.needs_reprefill), None)
             if victim is None:
                 return False
             self.evict_session(victim)  # least recently used first: `sessions` is LRU-ordered

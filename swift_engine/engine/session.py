@@ -40,7 +40,8 @@ class Session:
         self.open_turn = False
         self.table = PageTable()
         self.needs_reprefill = False  # pages were released: replay retained ids first
-        self.running = False
+        self.running = False  # a turn is queued or admitted: one at a time per session
+        self.admitted = False  # its turn was admitted (holds a page reservation): not evictable until it ends
         self.last_used = time.monotonic()
         self.held_until = 0.0  # not forgotten as idle before this (engine/idle.py)
 
