@@ -63,6 +63,9 @@ class EngineConfig(BaseModel):
     def _check(self) -> "EngineConfig":
         if self.device.startswith("cuda") is False and self.device != "cpu":
             raise ValueError(f"device: expected 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.max_pinned_tokens < self.sink_tokens:  # a pinned region replaces the S sinks: never shorter
+            raise ValueError(f"max_pinned_tokens ({self.max_pinned_tokens}) must be >= sink_tokens "
+                             f"({self.sink_tokens})")
         return self
 
     @property
