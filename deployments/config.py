@@ -4,9 +4,12 @@ from __future__ import annotations
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from routing.redis_connect import is_sentinel_url, parse_sentinel_url
 from swift_engine import EngineConfig
+
+STORE_SCHEMES = ("embedded://", "redis://", "rediss://", "redis+sentinel://", "rediss+sentinel://")
 
 
 class Limits(BaseModel):
@@ -34,11 +37,19 @@ class AppArgs(BaseModel):
 
     model_id: str = Field("swiftserve-tiny", min_length=1, description="name served on /v1/models")
     engine: EngineConfig = Field(default_factory=EngineConfig)
-    store_url: str = Field("embedded://", description="embedded://, redis://host:port/db or rediss://...")
+    store_url: str = Field("embedded://", description="embedded://, redis://host:port/db, rediss://..., or "
+                           "redis+sentinel://host1:26379,host2:26379/<service>/<db> (rediss+sentinel:// for TLS): "
+                           "the primary Sentinel names for <service>, followed across failovers")
     store_password_env: str | None = Field(None, description="env var holding the Redis password")
     store_key_prefix: str = "swiftserve"
     session_ttl_s: int = Field(7 * 24 * 3600, ge=0)
     commit_timeout_s: float = Field(5.0, gt=0, description="commit retries stop after this long")
+    min_replicas_acked: int = Field(0, ge=0, le=16, description=(
+        "a commit counts as durable only once this many Redis replicas have it (WAIT): a WAIT that times out "
+        "is handled like an unreachable store (strict: the turn fails; relaxed: not yet durable, written "
+        "through later); 0: once the primary has it"))
+    replica_ack_timeout_s: float = Field(0.5, gt=0, le=10, description="how long a commit's WAIT for "
+                                                                       "min_replicas_acked replicas lasts")
     durability: Literal["strict", "relaxed"] = Field(
         "strict", description="store unreachable at commit: strict fails the turn; relaxed acknowledges it as "
                               "not yet durable and writes it through when the store is back")
@@ -58,7 +69,16 @@ class AppArgs(BaseModel):
     @field_validator("store_url")
     @classmethod
     def _known_scheme(cls, v: str) -> str:
-        if not v.startswith(("embedded://", "redis://", "rediss://")):
-            raise ValueError(f"store_url must start with embedded://, redis:// or rediss://, "
+        if not v.startswith(STORE_SCHEMES):
+            raise ValueError(f"store_url must start with {', '.join(STORE_SCHEMES[:-1])} or {STORE_SCHEMES[-1]}, "
                              f"not scheme {urlsplit(v).scheme!r}")
+        if is_sentinel_url(v):
+            parse_sentinel_url(v)  # its ValueError names the part that is wrong, never the password
+        return v
+
+    @field_validator("min_replicas_acked")
+    @classmethod
+    def _replicas_need_redis(cls, v: int, info: ValidationInfo) -> int:
+        if v and str(info.data.get("store_url", "")).startswith("embedded://"):
+            raise ValueError("needs a Redis store_url (the embedded store has no replicas)")
         return v

@@ -15,4 +15,5 @@ def make_store(args: AppArgs) -> SessionStore:
         return EmbeddedSessionStore(prefix=args.store_key_prefix, ttl_s=args.session_ttl_s)
     password = os.environ.get(args.store_password_env) if args.store_password_env else None
     return RedisSessionStore(args.store_url, password=password, prefix=args.store_key_prefix,
-                             ttl_s=args.session_ttl_s)
+                             ttl_s=args.session_ttl_s, min_replicas_acked=args.min_replicas_acked,
+                             replica_ack_timeout_s=args.replica_ack_timeout_s)

@@ -8,9 +8,7 @@ import math
 import re
 import time
 from collections.abc import Iterator, Mapping
-from urllib.parse import urlsplit, urlunsplit
 
-import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -25,12 +23,14 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from routing.redis_connect import connect, describe, without_password
 from routing.store import (
     DEFAULT_PREFIX,
     DEFAULT_TTL_S,
     MAX_EPOCH,
     Claim,
     CorruptRecordError,
+    ReplicationTimeoutError,
     SessionRecord,
     SessionStore,
     StaleEpochError,
@@ -184,10 +184,15 @@ _CORRUPT_CODES = ("WRONGTYPE", "CORRUPT")
 
 
 class RedisSessionStore(SessionStore):
-    """Session records in Redis (standalone; keys are Cluster-slot safe).
+    """Session records in Redis (standalone or behind Sentinel; keys are Cluster-slot safe).
 
-    ``url``: ``redis://[user:password@]host:port/db`` or ``rediss://`` for TLS.
+    ``url``: ``redis://[user:password@]host:port/db``, ``rediss://`` for TLS, or
+    ``redis+sentinel://[user:password@]host1:26379,host2:26379/<service>/<db>``
+    (``rediss+sentinel://``) to follow the primary Sentinel names (routing/redis_connect.py).
     ``password`` overrides any password in the URL (k8s passes it from a Secret).
+    ``min_replicas_acked``: a commit returns only once that many replicas have it
+    (``WAIT``), else raises ReplicationTimeoutError after ``replica_ack_timeout_s``;
+    0 returns once the primary has it.
     A claim over a record whose JSON body is corrupt still takes effect (epoch
     and owner are valid) and then raises CorruptRecordError: ``delete`` it to
     start the session over.
@@ -201,21 +206,28 @@ class RedisSessionStore(SessionStore):
         prefix: str = DEFAULT_PREFIX,
         ttl_s: float | None = DEFAULT_TTL_S,
         timeout_s: float = 2.0,
+        min_replicas_acked: int = 0,
+        replica_ack_timeout_s: float = 0.5,
     ) -> None:
         self._prefix = check_prefix(prefix)
         ttl = check_ttl(ttl_s)
         self._ttl_ms = max(1, math.ceil(ttl * 1000)) if ttl else 0
+        if min_replicas_acked < 0 or not replica_ack_timeout_s > 0:
+            raise ValueError("min_replicas_acked must be >= 0 and replica_ack_timeout_s > 0")
+        self._acks = min_replicas_acked
+        self._ack_timeout_ms = max(1, math.ceil(replica_ack_timeout_s * 1000))
         if password is not None:
-            url = _without_password(url)
-        self._where = _describe(url)
-        self._redis = aioredis.Redis.from_url(
+            url = without_password(url)
+        self._where = describe(url)
+        self._redis, self._sentinel = connect(
             url,
-            password=password,
-            socket_timeout=timeout_s,
+            password,
+            # a WAIT blocks its connection for up to its timeout: the socket waits that long too
+            socket_timeout=timeout_s + (replica_ack_timeout_s if min_replicas_acked else 0),
             socket_connect_timeout=timeout_s,
             # One immediate retry re-dials a pooled connection broken by a server
-            # restart; longer outages surface as StoreUnavailableError for the
-            # caller's backoff (redis-py's default would block for seconds).
+            # restart or failover; longer outages surface as StoreUnavailableError
+            # for the caller's backoff (redis-py's default would block for seconds).
             retry=Retry(NoBackoff(), 1),
         )
         self._claim = self._redis.register_script(_CLAIM)
@@ -245,20 +257,35 @@ class RedisSessionStore(SessionStore):
     async def commit(self, record: SessionRecord) -> None:
         key = record_key(self._prefix, record.session_id)
         fields = encode_record(stamp(record, time.time()))
+        args = [fields["epoch"], fields["owner"], fields["body"], self._ttl_ms]
         with self._errors(record.session_id):
-            reply = await self._commit(
-                keys=[key], args=[fields["epoch"], fields["owner"], fields["body"], self._ttl_ms]
+            reply, acked = await self._commit_and_wait(key, args)
+        if reply[0] != 1:
+            stored_epoch, stored_owner = (None, None) if len(reply) == 1 else (reply[1], reply[2])
+            raise StaleEpochError(
+                record.session_id,
+                record.epoch,
+                record.owner,
+                None if stored_epoch is None else int(stored_epoch),  # the script checked it
+                None if stored_owner is None else stored_owner.decode("utf-8", "replace"),
             )
-        if reply[0] == 1:
-            return
-        stored_epoch, stored_owner = (None, None) if len(reply) == 1 else (reply[1], reply[2])
-        raise StaleEpochError(
-            record.session_id,
-            record.epoch,
-            record.owner,
-            None if stored_epoch is None else int(stored_epoch),  # the script checked it
-            None if stored_owner is None else stored_owner.decode("utf-8", "replace"),
-        )
+        if acked < self._acks:
+            raise ReplicationTimeoutError(
+                f"session {record.session_id!r}: the commit reached {acked} of the {self._acks} replicas "
+                f"required within {self._ack_timeout_ms} ms (redis at {self._where}); it may be lost "
+                "if the primary fails now"
+            )
+
+    async def _commit_and_wait(self, key: str, args: list[object]) -> tuple[list, int]:
+        """Run the commit script, then WAIT on the same connection (WAIT counts the replicas that have this
+        connection's writes), in one round trip. Returns (script reply, replicas acked)."""
+        if not self._acks:
+            return await self._commit(keys=[key], args=args), 0
+        async with self._redis.pipeline(transaction=False) as pipe:
+            await self._commit(keys=[key], args=args, client=pipe)
+            pipe.wait(self._acks, self._ack_timeout_ms)
+            reply, acked = await pipe.execute()
+        return reply, acked
 
     async def delete(self, session_id: str) -> bool:
         key = record_key(self._prefix, session_id)
@@ -267,6 +294,8 @@ class RedisSessionStore(SessionStore):
 
     async def close(self) -> None:
         await self._redis.aclose()
+        if self._sentinel is not None:
+            await self._sentinel.aclose()
 
     async def admit(self, group: str, session_id: str, limit: int) -> bool:
         now_ms = int(time.time() * 1000)
@@ -304,20 +333,3 @@ class RedisSessionStore(SessionStore):
 def _script_message(message: str) -> str:
     """Drop the ' script: <sha>, on @user_script...' suffix Redis appends to script errors."""
     return re.split(r"\s+script: ", message, maxsplit=1)[0]
-
-
-def _without_password(url: str) -> str:
-    parts = urlsplit(url)
-    userinfo, at, hostport = parts.netloc.rpartition("@")
-    if not at:
-        return url
-    username = userinfo.partition(":")[0]
-    netloc = f"{username}@{hostport}" if username else hostport
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def _describe(url: str) -> str:
-    """The URL without credentials, for messages."""
-    parts = urlsplit(url)
-    hostport = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, hostport, parts.path, "", ""))

@@ -75,6 +75,13 @@ class StoreUnavailableError(StoreError):
     """The store could not be reached (refused, timed out, failing over); retry with backoff."""
 
 
+class ReplicationTimeoutError(StoreUnavailableError):
+    """A commit reached the primary but not the replicas it must reach (WAIT timed out): not durable yet.
+
+    Handled like an unreachable store (retried; then a failed turn, or under relaxed durability a pending
+    one): a failover now could lose it. Repeating the commit is safe."""
+
+
 class QuotaExceededError(StoreError):
     """A new session was refused: its group (tenant) has as many live sessions as it may."""
 
