@@ -13,10 +13,15 @@ from .config import AppArgs
 from .openai_api import OpenAIIngress
 from .server import LLMServer
 
+# how often a stopping replica looks for requests still running (Serve's default, 2 s, was most of an
+# idle `swiftserve serve` stop: the drain has already waited for running turns)
+SHUTDOWN_POLL_S = 0.2
+
 # Defaults; a Serve config's `deployments:` section overrides any of them.
 LLMServerDeployment = serve.deployment(
     LLMServer, name="LLMServer", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.5},
-    health_check_period_s=5, graceful_shutdown_timeout_s=30,
+    health_check_period_s=5, graceful_shutdown_timeout_s=30, graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S,
+    logging_config={"enable_access_log": False},  # the ingress logs each request once; these are its calls
     request_router_config=RequestRouterConfig(request_router_class=SessionAffinityRouter,
                                               request_routing_stats_period_s=1.0))
 
@@ -30,7 +35,8 @@ def compose_app(args: dict, overrides: dict[str, dict]) -> serve.Application:
     """`overrides`: per-deployment options, as a Serve config's `deployments:` list sets them."""
     dumped = AppArgs.model_validate(args).model_dump()
     server = LLMServerDeployment.options(**overrides.get("LLMServer", {}))
-    ingress = OpenAIIngress.options(**overrides.get("OpenAIIngress", {}))
+    ingress = OpenAIIngress.options(**{"graceful_shutdown_wait_loop_s": SHUTDOWN_POLL_S,
+                                       **overrides.get("OpenAIIngress", {})})
     return ingress.bind(server.bind(dumped), dumped)
 
 

@@ -18,24 +18,31 @@ def api_base(url: str) -> str:
 
 class ServerChat:
     def __init__(self, url: str, api_key: str | None, session: str, model: str | None,
-                 max_tokens: int, temperature: float):
+                 max_tokens: int | None, temperature: float | None):
         self.base = api_base(url)
         self.client = openai.OpenAI(base_url=self.base, api_key=api_key or "none", max_retries=0, timeout=600)
-        self.session, self.max_tokens, self.temperature = session, max_tokens, temperature
+        self.session = session
+        # what the user set; the rest is the server's default for the model (`sampling_defaults` on /v1/models)
+        self.sampling = {k: v for k, v in (("max_tokens", max_tokens), ("temperature", temperature)) if v is not None}
         with self._errors():
-            served = [m.id for m in self.client.models.list().data]
+            listed = self.client.models.list().data
+        served = [m.id for m in listed]
         if model is not None and model not in served:
             raise ChatError(f"model {model!r} is not served at {self.base} (it serves {', '.join(served)})")
         self.model = model or served[0]
+        self.defaults = next((m.model_extra or {} for m in listed if m.id == self.model), {}).get("sampling_defaults")
 
     def describe(self) -> str:
-        return f"{self.model} at {self.base}"
+        sampling = {**(self.defaults or {}), **self.sampling}
+        temperature = sampling.get("temperature")
+        how = "" if temperature is None else ", greedy" if temperature == 0 else f", temperature {temperature:g}"
+        return f"{self.model} at {self.base}{how}"
 
     def reply(self, history: list[dict]) -> Iterator[str]:
         with self._errors():
             stream = self.client.chat.completions.create(
-                model=self.model, messages=history, stream=True, max_tokens=self.max_tokens,
-                temperature=self.temperature, extra_headers={"x-session-id": self.session})
+                model=self.model, messages=history, stream=True, extra_headers={"x-session-id": self.session},
+                **self.sampling)
             try:  # closing the stream early (Ctrl-C) cancels the turn on the server: it is not committed
                 for chunk in stream:
                     if chunk.choices and chunk.choices[0].delta.content:

@@ -21,7 +21,8 @@ class HELP(argparse.ArgumentDefaultsHelpFormatter):
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="swiftserve", description="StreamingLLM chat serving on Ray Serve")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    ap.set_defaults(print_help=ap.print_help)
+    sub = ap.add_subparsers(dest="cmd", metavar="{serve,chat,eval}")  # none given: the help (main)
 
     serve_p = sub.add_parser("serve", formatter_class=HELP, help="run a Serve config's app on a new local Ray",
                              description="Like `serve run CONFIG`, with checks before Ray starts, progress "
@@ -34,6 +35,7 @@ def parser() -> argparse.ArgumentParser:
     serve_p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus /metrics port of Ray")
     serve_p.add_argument("--grace-s", type=float, default=30.0,
                          help="seconds running turns may finish after SIGINT/SIGTERM; the rest get an error event")
+    serve_p.add_argument("--verbose", action="store_true", help="show Ray's and Serve's own INFO logs")
 
     chat = sub.add_parser("chat", formatter_class=HELP, help="interactive chat: a server (--url) or the engine alone",
                           description="Ctrl-C stops a reply and keeps the conversation; Ctrl-D quits. The "
@@ -46,14 +48,17 @@ def parser() -> argparse.ArgumentParser:
     chat.add_argument("--model", help="with --url: a served model (default: the first); alone: a checkpoint dir, "
                                       ".gguf file, hub id, packaged or bundled name or 'tiny' "
                                       f"(default: {DEFAULT_MODEL})")
-    chat.add_argument("--max-tokens", type=int, default=256, help="most tokens per reply")
-    chat.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
+    chat.add_argument("--max-tokens", type=int, help="most tokens per reply (default: the server's, or the "
+                                                     "model's default)")
+    chat.add_argument("--temperature", type=float, help="sampling temperature, 0: greedy (default: the server's, "
+                                                        "or the model's generation_config.json)")
     chat.add_argument("--device", default="cpu", help="engine alone: torch device")
     chat.add_argument("--sink-tokens", type=int, default=4, help="engine alone: S")
     chat.add_argument("--window-tokens", type=int, default=1020, help="engine alone: W")
 
     eval_p = sub.add_parser("eval", help="quality evaluation")
-    eval_sub = eval_p.add_subparsers(dest="what", required=True)
+    eval_p.set_defaults(print_help=eval_p.print_help)
+    eval_sub = eval_p.add_subparsers(dest="what", metavar="{ppl}")
     eval_sub.add_parser("ppl", add_help=False, help="streaming perplexity (dense, window, recompute, "
                                                     "StreamingLLM); its options: 'swiftserve eval ppl --help'")
     return ap
@@ -64,6 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     args, rest = ap.parse_known_args(argv)  # the rest belongs to `eval ppl`, which parses its own options
     if rest and args.cmd != "eval":
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.cmd is None or (args.cmd == "eval" and args.what is None):  # what to type next, not an error
+        args.print_help()
+        return
     from .preflight import PreflightError
     from swift_engine import ChatError
 
@@ -73,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
 
             serve_forever(ServeOptions(config=args.config, host=args.host, port=args.port,
                                        dashboard_port=args.dashboard_port, metrics_port=args.metrics_port,
-                                       grace_s=args.grace_s))
+                                       grace_s=args.grace_s, verbose=args.verbose))
         elif args.cmd == "chat":
             chat(args)
         else:
@@ -96,19 +104,34 @@ def chat(args: argparse.Namespace) -> None:
         chat_loop(ServerChat(args.url, api_key, session, args.model, args.max_tokens, args.temperature),
                   session, history)
         return
+    model = args.model or DEFAULT_MODEL
+    sampling = engine_sampling(model, args.max_tokens, args.temperature)  # checks the name before torch loads
     from swift_engine import EngineChat, EngineConfig, SamplingParams
 
-    from .preflight import resolve_model
-
-    model = args.model or DEFAULT_MODEL
-    resolve_model(model)
     backend = EngineChat(EngineConfig(model=model, device=args.device, sink_tokens=args.sink_tokens,
-                                      window_tokens=args.window_tokens),
-                         SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature), session)
+                                      window_tokens=args.window_tokens), SamplingParams(**sampling), session)
     try:
         chat_loop(backend, session, history)
     finally:
         backend.close()
+
+
+def engine_sampling(model: str, max_tokens: int | None, temperature: float | None) -> dict:
+    """The engine-alone chat's sampling: the flags given, over the model's defaults, over OpenAI's (as a
+    server would answer); the model is resolved (converted on first use) on the way."""
+    from pydantic import ValidationError
+    from swift_engine import ChatError, generation_defaults
+
+    from .field_errors import field_error
+    from .preflight import resolve_model
+    from .sampling_defaults import SamplingDefaults, merged_defaults
+
+    try:
+        asked = SamplingDefaults(max_tokens=max_tokens, temperature=temperature)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ChatError(field_error("--" + str(err["loc"][0]).replace("_", "-"), err)) from None
+    return merged_defaults(generation_defaults(resolve_model(model)), asked, max_completion_tokens=2**31)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from routing.redis_connect import is_sentinel_url, parse_sentinel_url
 from swift_engine import EngineConfig
 
+from .sampling_defaults import SamplingDefaults
+
 STORE_SCHEMES = ("embedded://", "redis://", "rediss://", "redis+sentinel://", "rediss+sentinel://")
 
 
@@ -62,6 +64,15 @@ class AppArgs(BaseModel):
     api_keys_file: str | None = Field(None, min_length=1, description="file holding API keys, same format; "
                                                                       "neither set: no authentication")
     limits: Limits = Field(default_factory=Limits)
+    generation_config: Literal["auto", "vllm"] = Field(
+        "auto", description="auto: the model's generation_config.json gives the sampling defaults of requests that "
+                            "leave a field out (as vLLM's --generation-config auto); vllm: OpenAI's defaults only")
+    sampling_defaults: SamplingDefaults = Field(
+        default_factory=SamplingDefaults, description="sampling defaults over the model's (each field set wins)")
+    request_timeout_s: float | None = Field(
+        None, gt=0, description="the proxy's http_options.request_timeout_s (swiftserve serve copies it): a prompt "
+                                "whose prefill at the replica's measured rate would take longer is refused with a "
+                                "400 up front; None: never refused")
     pin: Literal["none", "system"] = Field(
         "system", description="chat requests that do not say: a new session pins BOS + its system prompt "
                               "(never evicted, shared by sessions with the same prompt), or nothing beyond the sinks")

@@ -14,6 +14,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from .preflight import PreflightError, check_port_free, read_config, resolve_model
+from .quiet_logs import quiet_logs
+from .bind import LOOPBACK, is_loopback, url_host
 
 
 class ServeOptions(BaseModel):
@@ -27,6 +29,8 @@ class ServeOptions(BaseModel):
     dashboard_port: int = Field(8265, ge=1, le=65535)
     metrics_port: int = Field(8080, ge=1, le=65535, description="Ray's Prometheus endpoint (/metrics)")
     grace_s: float = Field(30.0, ge=0, description="how long running turns may finish after SIGINT/SIGTERM")
+    verbose: bool = Field(False, description="Ray's and Serve's INFO logs too (default: warnings, one access "
+                                             "line per request and the server's own progress)")
 
 
 def serve_forever(opts: ServeOptions) -> None:
@@ -34,9 +38,10 @@ def serve_forever(opts: ServeOptions) -> None:
     spec, args, http = read_config(opts.config)
     host, port = opts.host or http.get("host", "127.0.0.1"), opts.port or http.get("port", 8000)
     for what, p in (("HTTP", port), ("dashboard", opts.dashboard_port), ("metrics", opts.metrics_port)):
-        check_port_free(host if what == "HTTP" else "0.0.0.0", p, what)
-    resolve_model(args.engine.model)
+        check_port_free(host if what == "HTTP" else LOOPBACK, p, what)
+    resolve_model(args.engine.model)  # a GGUF model is converted here, once, with its own progress line
     app_name = spec.get("name", "swiftserve")
+    print(f"loading {args.engine.model} on a new local Ray (Ctrl-C stops)", file=sys.stderr, flush=True)
 
     import ray
     from ray import serve
@@ -45,32 +50,63 @@ def serve_forever(opts: ServeOptions) -> None:
     from .drain import NAMESPACE, DrainSignal, signal_name
 
     try:
-        app, _ = app_from_config(opts.config)
+        app, _ = app_from_config(opts.config, _timeout_arg(args, http))
     except (ValueError, TypeError) as exc:  # a bad `deployments:` option
         raise PreflightError(f"{opts.config}: {exc}".splitlines()[0]) from None
     stop = _StopSignal()  # from here on a signal drains (or, while loading, stops) instead of being lost
-    ctx = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+    quiet = quiet_logs(opts.verbose)
+    # the node's address is loopback, so Ray's own ports (metrics included) are not reachable from outside
+    ctx = ray.init(address="local", include_dashboard=True, dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK,
                    dashboard_port=opts.dashboard_port, _metrics_export_port=opts.metrics_port,
-                   logging_level="WARNING")
+                   logging_level=quiet.ray_level, log_to_driver=True)
     drain = DrainSignal.options(name=signal_name(app_name), namespace=NAMESPACE).remote()
-    serve.start(http_options={**http, "host": host, "port": port})
-    serve._run(app, _blocking=False, name=app_name, route_prefix=spec.get("route_prefix", "/"))
+    serve.start(http_options={**http, "host": host, "port": port}, logging_config=quiet.serve_config)
+    serve._run(app, _blocking=False, name=app_name, route_prefix=spec.get("route_prefix", "/"),
+               logging_config=quiet.app_config)
     stop.install()  # again: ray.init installs handlers of its own
     if not _wait_ready(app_name, stop):
         serve.shutdown()
         raise PreflightError(f"application {app_name!r} failed to deploy: {_app_message(app_name)}")
-    shown = "127.0.0.1" if host == "0.0.0.0" else host
     if not stop.count:
-        print(f"swiftserve ready in {time.monotonic() - start:.1f} s: http://{shown}:{port}/v1 (model "
-              f"{args.model_id!r}); dashboard http://{ctx.dashboard_url}; metrics "
-              f"http://127.0.0.1:{opts.metrics_port}/metrics; Ctrl-C drains and stops", file=sys.stderr,
-              flush=True)
+        _print_ready(time.monotonic() - start, host, port, args, ctx.dashboard_url, opts.metrics_port)
     while not stop.count:
         time.sleep(0.2)
     _drain(drain, app_name, opts.grace_s, stop)
-    serve.shutdown()
-    ray.shutdown()
+    _shut_down(app_name)
     print("swiftserve stopped", file=sys.stderr, flush=True)
+
+
+def _print_ready(seconds: float, host: str, port: int, args, dashboard_url: str, metrics_port: int) -> None:
+    """The ready line, with the address really bound; a warning first if it is open to others without keys."""
+    keyed = args.api_keys_env is not None or args.api_keys_file is not None
+    if not is_loopback(host) and not keyed:
+        print(f"swiftserve WARNING: listening on {host}, not only this machine, with API keys off: anyone who "
+              "can reach this port can use the model and read or delete every session's record; set "
+              "api_keys_file (or api_keys_env), or bind 127.0.0.1", file=sys.stderr, flush=True)
+    where = f"http://{url_host(host)}:{port}/v1"
+    if host in ("0.0.0.0", "::"):
+        where += f" (every interface; this machine: http://127.0.0.1:{port}/v1)"
+    print(f"swiftserve ready in {seconds:.1f} s: {where} (model {args.model_id!r}); dashboard "
+          f"http://{dashboard_url}; metrics http://{LOOPBACK}:{metrics_port}/metrics; Ctrl-C drains and stops",
+          file=sys.stderr, flush=True)
+
+
+def _timeout_arg(args, http: dict) -> dict:
+    """The proxy's request timeout, for the replicas' refusal of prompts too long to finish within it."""
+    if args.request_timeout_s is not None or "request_timeout_s" not in http:
+        return {}
+    return {"request_timeout_s": http["request_timeout_s"]}
+
+
+def _shut_down(app_name: str) -> None:
+    """The app (its replicas' own shutdown runs), then Ray with Serve's controller in it. Not
+    serve.shutdown(): the controller ends itself under its graceful_shutdown call, which left the raylet
+    printing "Task ServeController.graceful_shutdown failed" on every clean stop."""
+    import ray
+    from ray import serve
+
+    serve.delete(app_name, _blocking=True)
+    ray.shutdown()
 
 
 class _StopSignal:

@@ -19,6 +19,7 @@ from routing.affinity import pinned_key
 from .auth import KeyRing, scoped_session_id
 from .config import AppArgs
 from .drain import DrainWatch
+from .field_errors import field_error
 from .guard import TENANT_SCOPE_KEY, Guard, GuardMiddleware
 from .openai_schema import (SESSION_ID_MAX, ChatCompletionRequest, CompletionRequest, SamplingFields, SessionId,
                             error_responses)
@@ -39,6 +40,7 @@ SessionHeader = Annotated[str | None, Header(alias=SESSION_HEADER, max_length=SE
                                              pattern=r"^[^\x00-\x1f\x7f]*$",  # empty: none, as no header
                                              description="the session id (or the body's `session_id`)")]
 HEALTH_TIMEOUT_S = 2.0
+DEFAULTS_TIMEOUT_S = 30.0  # a busy replica queues the call behind turns; asked once per ingress replica
 STREAMED = {200: {"content": {"text/event-stream": {}}, "description": "a completion; SSE when `stream` is true"}}
 
 
@@ -69,7 +71,7 @@ def _param(loc: tuple) -> str | None:
 async def _validation_error(_, exc: RequestValidationError):
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": ""}
     param = None if first["type"] == "json_invalid" else _param(tuple(first["loc"]))
-    message = "the body is not valid JSON" if first["type"] == "json_invalid" else f"{param or 'body'}: {first['msg']}"
+    message = "the body is not valid JSON" if first["type"] == "json_invalid" else field_error(param or "body", first)
     return JSONResponse(error_body(400, message, "invalid_request_error", param=param), status_code=400)
 
 
@@ -109,6 +111,7 @@ class OpenAIIngress:
         self.replica_id = context.replica_id.unique_id
         self.drain = DrainWatch(context.app_name, self.replica_id)
         self.created = int(time.time())  # when this model came up here, as vLLM reports it
+        self.defaults: dict | None = None  # the served sampling defaults, asked of an LLMServer once
 
     @app.get("/health", responses={503: {"description": "not ready: no LLMServer replica answers, or draining"}})
     async def health(self) -> JSONResponse:
@@ -121,23 +124,39 @@ class OpenAIIngress:
             return JSONResponse({"status": "not_ready"}, status_code=503)
         return JSONResponse({"status": "ready"})
 
-    def _model(self) -> dict:
+    async def _defaults(self, timeout_s: float = DEFAULTS_TIMEOUT_S) -> dict:
+        """The sampling a request gets for the fields it leaves out: the model's defaults live where the model
+        was loaded, so an LLMServer replica is asked, once."""
+        if self.defaults is None:
+            try:
+                self.defaults = await asyncio.wait_for(self.server.sampling_defaults.remote(), timeout_s)
+            except Exception as exc:  # still loading, or no replica answers
+                raise APIError(503, f"no replica could serve the request: {type(exc).__name__}",
+                               "service_unavailable")
+        return self.defaults
+
+    async def _model(self) -> dict:
         engine = self.args.engine
-        return {"id": self.args.model_id, "object": "model", "created": self.created, "owned_by": "swiftserve",
-                # as vLLM: the most tokens one request can hold; the conversation itself is unbounded
-                "max_model_len": engine.max_prompt_tokens + self.args.max_completion_tokens,
-                "cache_tokens": engine.cache_tokens}
+        model = {"id": self.args.model_id, "object": "model", "created": self.created, "owned_by": "swiftserve",
+                 # as vLLM: the most tokens one request can hold; the conversation itself is unbounded
+                 "max_model_len": engine.max_prompt_tokens + self.args.max_completion_tokens,
+                 "cache_tokens": engine.cache_tokens}
+        try:
+            model["sampling_defaults"] = await self._defaults(HEALTH_TIMEOUT_S)
+        except APIError:  # listed anyway: the models are known before a replica is up
+            pass
+        return model
 
     @app.get("/v1/models", responses=error_responses())
     async def models(self) -> dict:
-        return {"object": "list", "data": [self._model()]}
+        return {"object": "list", "data": [await self._model()]}
 
     @app.get("/v1/models/{model_id:path}", responses=error_responses(404))
     async def model(self, model_id: str) -> dict:
         if model_id != self.args.model_id:
             raise APIError(404, f"model {model_id!r} does not exist; this server serves {self.args.model_id!r}",
                            "model_not_found", "model")
-        return self._model()
+        return await self._model()
 
     @app.post("/v1/chat/completions", responses={**STREAMED, **error_responses(404, 409, 503)})
     async def chat_completions(self, body: ChatCompletionRequest, request: Request, session: SessionHeader = None):
@@ -183,7 +202,7 @@ class OpenAIIngress:
             raise APIError(503, "the server is shutting down; retry on another server", "server_shutting_down")
         sid = session or body.session_id
         scoped = scoped_session_id(request.scope[TENANT_SCOPE_KEY], sid) if sid else None
-        turn = ChatRequest(session_id=scoped, sampling=body.sampling(min(256, self.args.max_completion_tokens)),
+        turn = ChatRequest(session_id=scoped, sampling=body.sampling(await self._defaults()),
                            logprobs=body.wants_logprobs, **content)
         self.drain.enter()  # in flight from here: a drain waits for this turn (until_cut's end leaves)
         try:

@@ -9,6 +9,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 
 from swift_engine import SamplingParams
 
+from .field_errors import unsupported
+
 SAMPLING_EPS = 1e-5  # as vLLM: a lower temperature is greedy, a lower top_p keeps the top token only
 SESSION_ID_MAX = 200  # leaves room for the tenant prefix within the store's 256 characters
 SESSION_ID_PATTERN = r"^[^\x00-\x1f\x7f]+$"  # no control characters
@@ -28,7 +30,7 @@ def _unsupported(*neutral) -> Any:
     """A known OpenAI field this server does not implement: a 400 naming it, unless it asks for nothing."""
     def reject(v):
         if v not in neutral:
-            raise ValueError("this server does not support this field")
+            raise unsupported()
         return v
     return Annotated[Any, AfterValidator(reject)]
 
@@ -58,16 +60,17 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
+    # None: the served default (sampling_defaults.py: the config's, the model's, or OpenAI's)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)
     seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)
     stop: Text | list[Text] | None = None
     n: int = Field(1, ge=1, le=1, description="one choice per request")
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = None
     ignore_eos: bool = False
     response_format: _unsupported(None, {"type": "text"}) = None
@@ -81,13 +84,16 @@ class SamplingFields(BaseModel):
             raise ValueError("at most 4 stop sequences")
         return stops
 
-    def sampling(self, default_max_tokens: int) -> SamplingParams:
+    def sampling(self, defaults: dict) -> SamplingParams:
+        """The request's sampling: its own fields, else `defaults` (sampling_defaults.merged_defaults)."""
+        own = {f: getattr(self, f) for f in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
+        s = {**defaults, **{f: v for f, v in own.items() if v is not None}}
         # tiny values would overflow float32 in the sampler and fail the replica's whole batch
-        return SamplingParams(max_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
-                              temperature=self.temperature if self.temperature >= SAMPLING_EPS else 0.0,
-                              top_p=max(self.top_p, SAMPLING_EPS), top_k=self.top_k, min_p=self.min_p,
+        return SamplingParams(max_tokens=self.max_completion_tokens or self.max_tokens or defaults["max_tokens"],
+                              temperature=s["temperature"] if s["temperature"] >= SAMPLING_EPS else 0.0,
+                              top_p=max(s["top_p"], SAMPLING_EPS), top_k=s["top_k"], min_p=s["min_p"],
                               seed=self.seed, presence_penalty=self.presence_penalty,
-                              frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
+                              frequency_penalty=self.frequency_penalty, repetition_penalty=s["repetition_penalty"],
                               logit_bias=self.logit_bias or {}, top_logprobs=self.top_alternatives,
                               stop=self.stop or [], ignore_eos=self.ignore_eos)
 

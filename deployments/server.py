@@ -20,13 +20,16 @@ from routing.affinity import pack_epochs, pack_sessions
 from routing.store import (QuotaExceededError, SessionRecord, StaleEpochError, StoreError, StoreUnavailableError,
                            retry_commit)
 from swift_engine import (CapacityError, EngineError, HistoryMismatchError, InvalidRequestError, SessionBusyError,
-                          SessionSnapshot, StreamingEngine, UnknownSessionError, chain_digest, pinned_hash)
+                          SessionSnapshot, StreamingEngine, UnknownSessionError, chain_digest, generation_defaults,
+                          pinned_hash, resolve_model_dir)
 
 from .autoscaling import autoscaling_stats
 from .config import AppArgs
 from .logprobs import token_logprobs
 from .metrics import ServerMetrics
+from .prefill_watch import PrefillWatch
 from .protocol import ChatChunk, ChatRequest, ErrorInfo, SessionInfo
+from .sampling_defaults import merged_defaults
 from .store_factory import make_store
 from .stream_batching import coalesce
 from .tp_workers import start_ray_workers
@@ -64,6 +67,10 @@ class LLMServer:
         self.unreachable = False  # relaxed: the store failed lately; no turn waits on it until the write-through
         self.metrics = ServerMetrics(self.args.model_id, self.replica_id)
         self.pinned_keys: dict[str, str] = {}  # routing.affinity.pinned_key -> the engine's pinned_hash
+        self.prefill = PrefillWatch(self.args.request_timeout_s)
+        model = generation_defaults(resolve_model_dir(self.args.engine.model)) \
+            if self.args.generation_config == "auto" else {}
+        self.defaults = merged_defaults(model, self.args.sampling_defaults, self.args.max_completion_tokens)
 
     # ---- the turn ---------------------------------------------------------
     async def chat(self, request: ChatRequest | dict) -> AsyncIterator[ChatChunk]:
@@ -107,11 +114,17 @@ class LLMServer:
             return
         start = last = time.perf_counter()
         text: list[str] = []
+        prefill = None
         try:
             kw = dict(messages=messages, pin=req.pin or self.args.pin) if messages is not None else \
                 dict(prompt_token_ids=self._encode(req.prompt), pinned_tokens=req.pinned_tokens)
+            tokens = self._new_tokens(sid, messages, kw.get("prompt_token_ids"))
+            self.prefill.check(tokens)
+            prefill = self.prefill.start(sid, tokens)
             async for ev in self.engine.generate(sid, sampling=req.sampling, **kw):
                 now, first = time.perf_counter(), last == start
+                if first:
+                    prefill.first_token()
                 (self.metrics.ttft if first else self.metrics.itl).observe(1000 * (now - last))
                 last = now
                 if first and reprefill is None and ev.reprefill_s is not None:  # evicted here: rebuilt from kept ids
@@ -149,6 +162,16 @@ class LLMServer:
             if type(exc) is EngineError and persisted:  # a failed step, maybe mid-turn: rebuild from the store
                 await self.drop_cached(sid)
             yield self._error(sid, exc)
+        finally:
+            if prefill is not None:
+                prefill.stop()
+
+    def _new_tokens(self, sid: str, messages: list[dict] | None, prompt_ids: list[int] | None) -> int:
+        """About how many prompt tokens this turn adds (chat: its new messages' text, without the template)."""
+        if prompt_ids is not None:
+            return len(prompt_ids)
+        consumed = self.engine.snapshot(sid).messages_consumed if self.engine.has_session(sid) else 0
+        return sum(len(self.engine.tokenizer.encode(m["content"])) for m in messages[consumed:])
 
     def _learn_pinned(self, sid: str, key: str | None) -> None:
         """Remember which engine region a request's pinned_key names, for the routing stats."""
@@ -350,6 +373,10 @@ class LLMServer:
         if self.args.limits.max_sessions_per_tenant is not None:
             await self.store.release(self._tenant(session_id), session_id)
         return await self.store.delete(session_id)
+
+    def sampling_defaults(self) -> dict:
+        """What a request gets for the sampling fields it leaves out (sampling_defaults.py)."""
+        return self.defaults
 
     def engine_stats(self) -> dict:
         return {"replica_id": self.replica_id, "pid": os.getpid(), **asdict(self.engine.stats())}

@@ -29,6 +29,25 @@ TARGETS: dict[str, str] = {
 }
 
 _KEY = re.compile(r"^(?P<indent>[ ]*)serveConfigV2:[ ]*\|[-+]?[ ]*(#.*)?$")
+_HTTP_HOST = re.compile(r"^(?P<indent>[ ]+)host:")
+# In a pod the Serve proxy must listen on the pod IP: Services and KubeRay's probes reach it there. The
+# local default config binds 127.0.0.1 (safe on a laptop with API keys off), so the pods' copy says so.
+POD_HOST = "0.0.0.0"
+
+
+def _value(line: str) -> str:
+    return line.split("#")[0].split(":", 1)[1].strip()
+
+
+def for_pods(config_text: str) -> str:
+    """config_text with its http_options.host line set to POD_HOST (the rest verbatim)."""
+    lines, in_http = config_text.splitlines(keepends=True), False
+    for i, line in enumerate(lines):
+        if line.strip() and not line.startswith((" ", "#")):
+            in_http = line.startswith("http_options:")
+        elif in_http and (m := _HTTP_HOST.match(line)) and _value(line) != POD_HOST:
+            lines[i] = f"{m['indent']}host: {POD_HOST}  # in a pod: the pod IP (k8s/render_serve_config.py)\n"
+    return "".join(lines)
 
 
 def render(manifest_text: str, config_text: str) -> str:
@@ -51,6 +70,7 @@ def render(manifest_text: str, config_text: str) -> str:
     while end > start + 1 and not lines[end - 1].strip():
         end -= 1
 
+    config_text = for_pods(config_text)
     if "\t" in config_text:
         raise ValueError("tabs in the Serve config cannot go into a YAML block")
     body = config_text.rstrip("\n").splitlines()

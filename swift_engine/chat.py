@@ -10,12 +10,13 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from .config import EngineConfig
-from .engine.async_engine import StreamingEngine
 from .errors import SessionBusyError
-from .sampling import SamplingParams
+
+if TYPE_CHECKING:  # the engine (torch) is imported by EngineChat only: `chat --url` never needs it
+    from .config import EngineConfig
+    from .sampling import SamplingParams
 
 HISTORY_DIR = Path.home() / ".cache" / "swiftserve" / "chats"
 
@@ -93,6 +94,8 @@ class EngineChat:
     the next turn re-feeds the kept history, since the engine's copy may hold part of the cut turn."""
 
     def __init__(self, config: EngineConfig, sampling: SamplingParams, session: str):
+        from .engine.async_engine import StreamingEngine
+
         self.engine = StreamingEngine(config, progress=True)
         self.sampling, self.session, self.stale = sampling, session, False
         self.loop = asyncio.new_event_loop()

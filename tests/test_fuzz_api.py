@@ -17,6 +17,7 @@ from schemathesis.specs.openapi.checks import (content_type_conformance, respons
                                                status_code_conformance)
 
 from deployments.openai_schema import SESSION_ID_MAX, ChatCompletionRequest, CompletionRequest
+from deployments.sampling_defaults import OPENAI_DEFAULTS
 from swift_engine.sampling import Sampler
 from tests.serve_utils import TINY_MODEL_ID as MODEL, running_app
 
@@ -103,7 +104,7 @@ valid_chat = st.fixed_dictionaries(
 @given(valid_chat, st.integers(0, 2**32 - 1))
 def test_valid_chat_bodies_make_sampling_the_engine_can_run(body, logits_seed):
     req = ChatCompletionRequest.model_validate(body)
-    params = req.sampling(default_max_tokens=256)
+    params = req.sampling({**OPENAI_DEFAULTS, "max_tokens": 256})
     assert params.max_tokens == body.get("max_tokens", 256)
     assert len(params.stop) <= 4 and len(req.messages) == len(body["messages"])
     logits = 30 * torch.randn(2, 64, generator=torch.Generator().manual_seed(logits_seed))
@@ -124,7 +125,7 @@ def test_arbitrary_bodies_parse_or_raise_validation_error(body):
             req = model.model_validate(body)
         except ValidationError:
             continue
-        req.sampling(default_max_tokens=16)  # whatever parses makes valid sampling parameters
+        req.sampling({**OPENAI_DEFAULTS, "max_tokens": 16})  # whatever parses makes valid sampling parameters
 
 
 @settings(max_examples=100, deadline=None)

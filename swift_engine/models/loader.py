@@ -12,46 +12,8 @@ from ..errors import UnsupportedModelError
 from .families import ModelArgs
 from .llama import CausalLM
 from .random_init import empty_model, random_model
+from .resolve import BUNDLED, bundled_models, resolve_model_dir  # noqa: F401 - their old home
 from .tensor_parallel import shard_tensor
-
-
-BUNDLED = Path(__file__).resolve().parent / "checkpoints"  # trained reference models shipped in the package
-
-
-def bundled_models() -> list[str]:
-    return sorted(p.name for p in BUNDLED.iterdir() if (p / "config.json").is_file()) if BUNDLED.is_dir() else []
-
-
-def resolve_model_dir(model: str) -> Path:
-    """The checkpoint directory of `model`: a local directory as is; a `.gguf` file (or a directory
-    holding one and no config.json), or the short name of a packaged GGUF model
-    (`smollm2-135m-instruct`) -> its dequantized copy in the cache; "tiny" -> the random-weight tiny
-    model; a bundled checkpoint's name (`swiftserve-llama-7m`) -> its folder in the package; else a
-    hub id (downloaded)."""
-    from .gguf import PACKAGED, gguf_checkpoint
-
-    if model == "tiny":
-        from .tiny import ensure_tiny_checkpoint
-
-        return ensure_tiny_checkpoint()
-    path = Path(model).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return gguf_checkpoint(path)
-    if path.is_dir():
-        ggufs = sorted(path.glob("*.gguf"))
-        if (path / "config.json").exists() or not ggufs:
-            return path
-        if len(ggufs) > 1:
-            raise UnsupportedModelError(f"{path} holds {len(ggufs)} .gguf files; name one of them")
-        return gguf_checkpoint(ggufs[0])
-    if model in PACKAGED:
-        return gguf_checkpoint(PACKAGED[model].path())
-    if model in bundled_models():
-        return BUNDLED / model
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(
-        model, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja"]))
 
 
 def read_config(model_dir: Path) -> dict:
@@ -80,6 +42,11 @@ def checkpoint_tensors(name: str, tensor: torch.Tensor, args: ModelArgs) -> list
 
 def load_engine_model(config, progress: bool = True, group=None) -> CausalLM:
     """The model an EngineConfig names, as its load_format says (a tensor-parallel rank: its share)."""
+    if config.load_format == "simulated":  # no weights: the step table's shape (engine/simulated_runner.py)
+        from .step_table import load_step_table, shape_model
+
+        return shape_model(load_step_table(config.simulated.step_table), config.torch_dtype,
+                           config.simulated.vocab_size)
     model_dir = resolve_model_dir(config.model)
     if config.load_format == "dummy":
         return random_model(read_config(model_dir), config.device, config.torch_dtype, group=group)

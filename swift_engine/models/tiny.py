@@ -14,6 +14,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from .random_init import random_model
+from .resolve import default_cache_dir
 
 TINY_CONFIG = {
     "architectures": ["LlamaForCausalLM"],
@@ -42,10 +43,6 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 VERSION = "v1"
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("SWIFTSERVE_CACHE", Path.home() / ".cache" / "swiftserve"))
 
 
 def build_byte_tokenizer():
