@@ -190,9 +190,10 @@ class RedisSessionStore(SessionStore):
     ``redis+sentinel://[user:password@]host1:26379,host2:26379/<service>/<db>``
     (``rediss+sentinel://``) to follow the primary Sentinel names (routing/redis_connect.py).
     ``password`` overrides any password in the URL (k8s passes it from a Secret).
-    ``min_replicas_acked``: a commit returns only once that many replicas have it
-    (``WAIT``), else raises ReplicationTimeoutError after ``replica_ack_timeout_s``;
-    0 returns once the primary has it.
+    ``min_replicas_acked``: a commit, and a claim (its previous record may hold a commit
+    whose WAIT failed, and a retried turn may be answered from it), returns only once
+    that many replicas have it (``WAIT``), else raises ReplicationTimeoutError after
+    ``replica_ack_timeout_s``; 0 returns once the primary has it.
     A claim over a record whose JSON body is corrupt still takes effect (epoch
     and owner are valid) and then raises CorruptRecordError: ``delete`` it to
     start the session over.
@@ -247,9 +248,11 @@ class RedisSessionStore(SessionStore):
         key = record_key(self._prefix, session_id)
         fresh = SessionRecord.empty(session_id, check_owner(owner), 1, time.time())
         with self._errors(session_id):
-            epoch, flat = await self._claim(
-                keys=[key], args=[owner, encode_record(fresh)["body"], self._ttl_ms]
-            )
+            (epoch, flat), acked = await self._run_and_wait(
+                self._claim, key, [owner, encode_record(fresh)["body"], self._ttl_ms])
+        # The previous record may hold a commit that never reached the replicas (its turn failed); the
+        # caller may answer a retry of that turn from it, so it must be as durable as a commit.
+        self._check_acked(acked, session_id, "claim")
         previous = decode_record(session_id, dict(zip(flat[::2], flat[1::2]))) if flat else None
         base = fresh if previous is None else previous
         return Claim(epoch, previous, base.model_copy(update={"epoch": epoch, "owner": owner}))
@@ -259,7 +262,7 @@ class RedisSessionStore(SessionStore):
         fields = encode_record(stamp(record, time.time()))
         args = [fields["epoch"], fields["owner"], fields["body"], self._ttl_ms]
         with self._errors(record.session_id):
-            reply, acked = await self._commit_and_wait(key, args)
+            reply, acked = await self._run_and_wait(self._commit, key, args)
         if reply[0] != 1:
             stored_epoch, stored_owner = (None, None) if len(reply) == 1 else (reply[1], reply[2])
             raise StaleEpochError(
@@ -269,23 +272,26 @@ class RedisSessionStore(SessionStore):
                 None if stored_epoch is None else int(stored_epoch),  # the script checked it
                 None if stored_owner is None else stored_owner.decode("utf-8", "replace"),
             )
-        if acked < self._acks:
-            raise ReplicationTimeoutError(
-                f"session {record.session_id!r}: the commit reached {acked} of the {self._acks} replicas "
-                f"required within {self._ack_timeout_ms} ms (redis at {self._where}); it may be lost "
-                "if the primary fails now"
-            )
+        self._check_acked(acked, record.session_id, "commit")
 
-    async def _commit_and_wait(self, key: str, args: list[object]) -> tuple[list, int]:
-        """Run the commit script, then WAIT on the same connection (WAIT counts the replicas that have this
-        connection's writes), in one round trip. Returns (script reply, replicas acked)."""
+    async def _run_and_wait(self, script, key: str, args: list[object]) -> tuple[list, int]:
+        """Run a write script, then WAIT on the same connection (WAIT counts the replicas that have this
+        connection's writes, and every write before them), in one round trip. (script reply, replicas acked)."""
         if not self._acks:
-            return await self._commit(keys=[key], args=args), 0
+            return await script(keys=[key], args=args), 0
         async with self._redis.pipeline(transaction=False) as pipe:
-            await self._commit(keys=[key], args=args, client=pipe)
+            await script(keys=[key], args=args, client=pipe)
             pipe.wait(self._acks, self._ack_timeout_ms)
             reply, acked = await pipe.execute()
         return reply, acked
+
+    def _check_acked(self, acked: int, session_id: str, what: str) -> None:
+        if acked < self._acks:
+            raise ReplicationTimeoutError(
+                f"session {session_id!r}: the {what} reached {acked} of the {self._acks} replicas required "
+                f"within {self._ack_timeout_ms} ms (redis at {self._where}); it may be lost if the primary "
+                "fails now"
+            )
 
     async def delete(self, session_id: str) -> bool:
         key = record_key(self._prefix, session_id)

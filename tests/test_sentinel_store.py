@@ -95,10 +95,15 @@ async def test_commit_waits_for_a_replica_and_times_out_without_one(cluster: Sen
             assert time.monotonic() - start < 0.3
         finally:
             await fast.close()
+        # the commit is on the primary only: a claim that would hand it to a new owner (who may answer a
+        # retried turn from it) waits for the replicas just the same
+        with pytest.raises(ReplicationTimeoutError, match="the claim reached 0"):
+            await store.claim("w", "b")
     finally:
         for node in replicas:
             node.resume()
-    await retry_commit(store, record, attempts=20, base_delay_s=0.05)  # the replicas catch up
+    claim = await store.claim("w", "a")  # the replicas catch up
+    await retry_commit(store, record.model_copy(update={"epoch": claim.epoch}), attempts=20, base_delay_s=0.05)
     assert (await store.get("w")).tail_ids == [5]
 
 
