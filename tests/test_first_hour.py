@@ -194,3 +194,18 @@ def test_open_interface_without_keys_warns(host, keyed, warned, capsys):
     err = capsys.readouterr().err
     assert ("WARNING" in err and "API keys off" in err and "anyone who can reach" in err) == warned, err
     assert f"http://{host}:8123/v1" in err.splitlines()[-1]  # the address really bound
+
+
+def test_verbose_restores_rays_info_logs():
+    import logging
+
+    from deployments.quiet_logs import quiet_logs
+
+    try:
+        quiet = quiet_logs(verbose=False)
+        assert (quiet.ray_level, quiet.serve_config["log_level"]) == (logging.WARNING, "WARNING")
+        assert quiet.app_config["log_level"] == "INFO"  # access lines and the replicas' progress
+        loud = quiet_logs(verbose=True)
+        assert (loud.ray_level, loud.serve_config["log_level"]) == (logging.INFO, "INFO")
+    finally:
+        logging.getLogger("ray.serve").setLevel(logging.NOTSET)
