@@ -8,8 +8,9 @@ A command that is neither fails `test_quick_start_command_is_run`, naming where 
 
 `swiftserve serve` is the one command run here only in part (`--help`: it parses, and its default is the
 packaged local config): serving takes 30 s to ready and 1.5 min on a first start, over this file's budget.
-tests/test_operability.py runs it from a built wheel against a real Redis, and tests/test_real_model.py serves
-the same configs/local.yaml model.
+tests/test_first_hour_served.py serves configs/local.yaml that way (one replica, its own ports) and asks it
+the Quick start's question through the openai client and through `swiftserve chat --url`;
+tests/test_operability.py runs `swiftserve serve` from a built wheel against a real Redis.
 """
 from __future__ import annotations
 
