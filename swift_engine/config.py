@@ -8,6 +8,19 @@ import yaml
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, model_validator
 
 
+class SimulatedConfig(BaseModel):
+    """load_format: simulated (engine/simulated_runner.py): which GPU's step times, which logits width."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    step_table: str = Field("llama3-8b-h200", description="a bundled table's name (swift_engine/models/"
+                            "step_tables/) or a .json path; its shape sizes the KV pages and the logits")
+    vocab_size: int | None = Field(None, ge=2, description="logits width; None: the table shape's (128,256 "
+                                   "for Llama-3-8B). The sampler's tensor work runs on the CPU here, ~400x its "
+                                   "H200 time at 128,256 (docs/load-simulator.md): a narrower one keeps all of "
+                                   "its Python at a GPU-like share of the step")
+
+
 class EngineConfig(BaseModel):
     """Everything that shapes one engine instance.
 
@@ -38,9 +51,12 @@ class EngineConfig(BaseModel):
     kv_cache_dtype: Literal["auto", "fp8"] = Field(
         "auto", description="auto: the cache holds `dtype`; fp8: e4m3 with a float32 scale per token and KV "
         "head, about half the bytes (engine/kv_fp8.py)")
-    load_format: Literal["auto", "dummy"] = Field(
+    load_format: Literal["auto", "dummy", "simulated"] = Field(
         "auto", description="dummy: random weights of the checkpoint's shape, as vLLM's --load-format "
-        "dummy (benchmarks: the arithmetic of real weights without their bytes on disk)")
+        "dummy (benchmarks: the arithmetic of real weights without their bytes on disk); simulated: no model "
+        "runs, each step sleeps the GPU time measured for its batch (`simulated`), `model` gives only the "
+        "tokenizer: a load-testing tool, never a result (docs/load-simulator.md)")
+    simulated: SimulatedConfig = Field(default_factory=lambda: SimulatedConfig())
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     cuda_graphs: bool = Field(True, description="triton backend: replay decode steps as CUDA graphs")
     triton_gemv: bool = Field(
@@ -63,10 +79,20 @@ class EngineConfig(BaseModel):
     def _check(self) -> "EngineConfig":
         if self.device.startswith("cuda") is False and self.device != "cpu":
             raise ValueError(f"device: expected 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.load_format == "simulated":
+            self._check_simulated()
         if self.max_pinned_tokens < self.sink_tokens:  # a pinned region replaces the S sinks: never shorter
             raise ValueError(f"max_pinned_tokens ({self.max_pinned_tokens}) must be >= sink_tokens "
                              f"({self.sink_tokens})")
         return self
+
+    def _check_simulated(self) -> None:
+        from .models.step_table import table_path
+
+        if not table_path(self.simulated.step_table).is_file():
+            raise ValueError(f"simulated.step_table: no table {self.simulated.step_table!r}")
+        if self.tensor_parallel_size != 1 or self.host_cache_bytes:  # its KV pool holds no bytes to share or copy
+            raise ValueError("load_format: simulated needs tensor_parallel_size 1 and host_cache_bytes 0")
 
     @property
     def cache_tokens(self) -> int:

@@ -2,7 +2,8 @@
 
 Two backends with one contract: `torch` (layers/attention.py, any device, the CPU
 default) and `triton` (engine/gpu_runner.py: Triton kernels, fused forward, CUDA
-graphs for decode), chosen automatically on CUDA when the shape is supported.
+graphs for decode), chosen automatically on CUDA when the shape is supported; and,
+for load tests only, `simulated` (engine/simulated_runner.py: no model runs).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from ..layers.rotary import RotaryTable, inv_frequencies, model_rotary
 from ..models.families import beyond_llama_block
 from ..models.llama import CausalLM
 from .cache import AppendPlan, SinkWindowCache
+from .simulated_runner import SimulatedRunner
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +52,10 @@ class ModelRunner:
     def __init__(self, model: CausalLM, cache: SinkWindowCache, config: EngineConfig):
         a = model.args
         self.model, self.cache = model, cache
-        self.device = model.lm_head.weight.device
-        self.backend = select_backend(config.attention_backend, model, self.device, cache.fp8)
+        self.sim = SimulatedRunner(config, a.vocab_size) if config.load_format == "simulated" else None
+        self.device = self.sim.device if self.sim else model.lm_head.weight.device  # a simulated model is on meta
+        self.backend = "simulated" if self.sim else select_backend(config.attention_backend, model, self.device,
+                                                                   cache.fp8)
         positions = cache.max_sinks + cache.W + config.max_batch_tokens + 1  # cache positions + one chunk
         self.gpu = None
         if self.backend == "triton":  # float32 tables for the kernels (whole-head rotary only)
@@ -70,6 +74,8 @@ class ModelRunner:
 
         Returns float32 logits [len(logit_rows[i]), V] per sequence.
         """
+        if self.sim is not None:
+            return self.sim.run(chunks, plans, logit_rows)
         if self.gpu is not None:
             return self.gpu.run(chunks, plans, logit_rows)
         seqs, start = [], 0
