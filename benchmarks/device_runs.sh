@@ -33,8 +33,9 @@ served)
   fi
   python3 benchmarks/dummy_checkpoint.py --shape llama3-8b --tokenizer .devcarry/smol-tok --out /tmp/llama3-8b-shape
   for n in ${LEVELS:-8 32 64}; do  # LEVELS: conversations per run
-    timeout 150 python3 benchmarks/serve_load.py --local ${CONFIG:-benchmarks/serve_h200.yaml} --conversations $n \
-        --turns 3 --max-tokens 128 --temperature 1.0 --top-p 0.9 --out benchmarks/results/h200/serve_load_$n$TAG.json \
+    timeout 420 python3 benchmarks/serve_load.py --local ${CONFIG:-benchmarks/serve_h200.yaml} --conversations $n \
+        --turns 3 --max-tokens 128 --temperature 1.0 --top-p 0.9 --no-greedy --warmup-s 15 --duration-s 60 \
+        --out benchmarks/results/h200/serve_load_$n$TAG.json \
         2>&1 | tee "$OUT/serve_load_$n$TAG.log" | tail -8
   done
   pack served ;;
@@ -44,8 +45,9 @@ profile)
   spy=/tmp/pyspy/py_spy-0.4.3.data/scripts/py-spy; chmod +x $spy
   python3 benchmarks/dummy_checkpoint.py --shape llama3-8b --tokenizer .devcarry/smol-tok --out /tmp/llama3-8b-shape
   log=$OUT/serve_load_profile.log
-  (timeout 200 python3 benchmarks/serve_load.py --local benchmarks/serve_h200.yaml --conversations 32 --turns 8 \
-      --max-tokens 128 --temperature 1.0 --top-p 0.9 --out /tmp/profile_run.json > "$log" 2>&1) &
+  (timeout 300 python3 benchmarks/serve_load.py --local benchmarks/serve_h200.yaml --conversations 32 --turns 8 \
+      --max-tokens 128 --temperature 1.0 --top-p 0.9 --no-greedy --warmup-s 10 --duration-s 30 \
+      --out /tmp/profile_run.json > "$log" 2>&1) &
   timeout 150 bash -c "until grep -q served: $log 2>/dev/null; do sleep 0.5; done"
   pid=$(pgrep -f "ServeReplica:swiftserve:LLMServer" | head -1); echo "replica pid $pid"
   $spy record --pid "$pid" --duration 6 --rate 250 --format raw --threads --gil \
