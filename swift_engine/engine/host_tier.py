@@ -148,13 +148,16 @@ class HostTier:
             if self.cuda:
                 self.arriving[session_id] = self._done()
         self.free.extend(entry.pages)
+        table.sink_len, table.window_start, table.window_len = entry.sink_len, entry.window_start, entry.window_len
         if shared:
             table.window_pages = deque(gpu)
         else:
             table.sink_pages, table.window_pages = gpu[:entry.sink_pages], deque(gpu[entry.sink_pages:])
-            if entry.pinned_hash is not None:  # the region left the pool meanwhile: this copy is it again
+            # the region left the pool meanwhile: this copy is it again. Published once the table's lengths are
+            # back: the region records sink_len as its length (it was 0 here, so the next session attaching to
+            # it started with no sinks and wrote its own ids over the shared pages)
+            if entry.pinned_hash is not None:
                 self.cache.pinned.publish(table, entry.pinned_hash)
-        table.sink_len, table.window_start, table.window_len = entry.sink_len, entry.window_start, entry.window_len
         self.reloads += 1
 
     def _copy_in(self, host: list[int], gpu: list[int]) -> None:

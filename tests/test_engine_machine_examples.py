@@ -1,0 +1,27 @@
+"""What the engine state machine (tests/engine_machine.py) found: its shrunk examples, replayed rule by rule
+with the invariants checked after each (teardown drains the engine and checks every result). Each failed
+before its fix."""
+from tests.engine_machine import EngineMachine, one_thread  # noqa: F401 (fixture)
+
+
+def replay(*steps: tuple[str, dict]) -> None:
+    m = EngineMachine()
+    try:
+        for name, kw in steps:
+            getattr(m, name)(**kw)
+            m.check()
+    finally:
+        m.teardown()
+
+
+def test_a_pinned_region_back_from_the_host_tier_keeps_its_length(one_thread):
+    """c's pinned region left the pool with c (to the host tier) and came back with it, registered with 0
+    tokens: d, attaching to it, ran with no sinks and wrote its ids over the shared pages."""
+    replay(("make_engine", dict(num_pages=40, max_running=3, host_pages=24, ttl=None)),
+           ("score", dict(sid="c", n=20, seed=0, pinned=True)),
+           ("drain", {}),
+           ("evict", dict(sid="c")),
+           ("score", dict(sid="c", n=1, seed=0, pinned=False)),
+           ("generate", dict(sid="d", n=1, seed=0, pinned=True, max_tokens=2)),
+           ("drain", {}),
+           ("score", dict(sid="c", n=4, seed=1, pinned=False)))
