@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import httpx
 import openai
 
-from tests.serve_utils import TINY_MODEL_ID
+from tests.serve_utils import stream_turn
 
 
 @dataclass
@@ -25,6 +25,8 @@ class Attempt:
     end: float
     ok: bool
     error: str = ""  # "<kind>: <message>", kind the API's error type (store_unavailable, ...) or the exception's
+    replica: str = ""  # the LLMServer replica that answered (x-swiftserve-replica)
+    reprefill_ms: float | None = None  # the session's cache was rebuilt from the store for this turn
 
 
 @dataclass
@@ -81,7 +83,7 @@ class Conversation:
     async def _attempt(self) -> bool:
         start = time.monotonic()
         try:
-            text, usage = await self._stream()
+            headers, text, usage = await stream_turn(self.traffic.client, self.sid, self.history, max_tokens=4)
         except (openai.APIError, httpx.HTTPError) as exc:
             body = getattr(exc, "body", None)
             kind = (body.get("type") if isinstance(body, dict) else None) or type(exc).__name__
@@ -93,21 +95,11 @@ class Conversation:
             return False
         self.history.append({"role": "assistant", "content": text})
         self.turns += 1
-        self._log(start, True)
+        reprefill = headers.get("x-swiftserve-reprefill-ms")
+        self.traffic.attempts.append(Attempt(self.sid, start, time.monotonic(), True,
+                                             replica=headers.get("x-swiftserve-replica", ""),
+                                             reprefill_ms=float(reprefill) if reprefill else None))
         return True
-
-    async def _stream(self) -> tuple[str, object]:
-        client = self.traffic.client
-        stream = await client.chat.completions.create(
-            model=TINY_MODEL_ID, messages=self.history, stream=True, max_tokens=4, temperature=0.0,
-            stream_options={"include_usage": True}, extra_headers={"x-session-id": self.sid})
-        text, usage = [], None
-        async for chunk in stream:
-            if chunk.choices:
-                text.append(chunk.choices[0].delta.content or "")
-            if chunk.usage:
-                usage = chunk.usage
-        return "".join(text), usage
 
     def _log(self, start: float, ok: bool, error: str = "") -> None:
         self.traffic.attempts.append(Attempt(self.sid, start, time.monotonic(), ok, error[:300]))

@@ -3,7 +3,8 @@
 SIGSTOPped. Strict durability with min_replicas_acked=1: nothing acknowledged is lost, nothing is
 acknowledged while no replica can have it, and every session goes on.
 
-Three runs in a row, figures to JSON: `python -m tests.sentinel_chaos --runs 3` (docs/failure-domains.md)."""
+Three runs in a row: `python -m pytest -p tests.failure_domain_options --chaos-runs 3 tests/test_sentinel_chaos.py`,
+or with the figures in JSON: `python -m tests.sentinel_chaos --runs 3 --out <file>` (docs/failure-domains.md)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,15 @@ from tests.sentinel_cluster import sentinel_cluster
 pytestmark = [pytest.mark.ray, pytest.mark.redis]
 
 
-async def test_primary_kills_and_replica_stalls_lose_no_acknowledged_turn(ray_local):
-    with sentinel_cluster(replicas=2) as cluster, sentinel_app(cluster) as url:
-        report = await chaos_run(url, cluster, sessions=16, kills=2, stall_s=15.0, settle_s=1.5)
-    print("\n" + json.dumps(report, indent=1))
+async def test_primary_kills_and_replica_stalls_lose_no_acknowledged_turn(ray_local, request):
+    for _ in range(request.config.getoption("--chaos-runs", default=1)):
+        with sentinel_cluster(replicas=2) as cluster, sentinel_app(cluster) as url:
+            report = await chaos_run(url, cluster, sessions=16, kills=2, stall_s=15.0, settle_s=1.5)
+        print("\n" + json.dumps(report, indent=1))
+        check(report)
+
+
+def check(report: dict) -> None:
     assert report["acknowledged_turns_lost"] == 0 and report["history_mismatches"] == 0
     assert report["sessions_continued"] == 16
     kills, stall = report["faults"][:2], report["faults"][2]
