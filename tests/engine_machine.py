@@ -403,6 +403,8 @@ def check_flags(core: EngineCore) -> None:
     for sid, s in core.sessions.items():
         assert s.running == (sid in queued | admitted), f"{sid}: running={s.running}"
         assert s.admitted == (sid in admitted), f"{sid}: admitted={s.admitted}"
+        # between turns a session's cache continues with its pending id, or is rebuilt from its retained ids
+        assert s.running or not s.tokens_seen or s.pending is not None or s.needs_reprefill, f"{sid} lost its pending id"
 
 
 @pytest.fixture

@@ -25,3 +25,14 @@ def test_a_pinned_region_back_from_the_host_tier_keeps_its_length(one_thread):
            ("generate", dict(sid="d", n=1, seed=0, pinned=True, max_tokens=2)),
            ("drain", {}),
            ("score", dict(sid="c", n=4, seed=1, pinned=False)))
+
+
+def test_a_score_after_a_prefill_cut_off_scores_its_first_token(one_thread):
+    """a's score was cancelled mid-prefill: the ids fed stayed, but not the last one's logits (pending was
+    cleared), so a's next score gave None for its first token, as if a had no context."""
+    replay(("make_engine", dict(num_pages=18, max_running=1, host_pages=0, ttl=None)),
+           ("score", dict(sid="a", n=10, seed=0, pinned=False)),
+           ("step", dict(n=1)),
+           ("cancel_now", dict(sid="a")),
+           ("score", dict(sid="a", n=1, seed=0, pinned=False)))
+

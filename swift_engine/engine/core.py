@@ -367,16 +367,23 @@ class EngineCore:
                 consumed = req.new_messages + [{"role": "assistant", "content": req.text}]
                 session.messages_digest = chain_digest(session.messages_digest, consumed)
                 session.messages_consumed += len(consumed)
-        if finish_reason == "cancelled" and req.fed < req.n_replay:
+        if finish_reason == "cancelled" and req.phase == "prefill" and self._cut_short(req, session):
             self.host.wait()  # its pages may still be arriving from the host tier
-            self.cache.release(session.table)  # replay cut short: re-prefill the retained ids next time
-            session.needs_reprefill = True
+            self.cache.release(session.table)  # re-prefill the retained ids next time
+            session.needs_reprefill = bool(session.retained())
         session.running = False
         session.last_used = time.monotonic()
         req.phase = "done"
         self.scheduler.finish(req, session)
         usage = Usage(prompt_tokens=len(req.new_ids), completion_tokens=len(req.output_ids))
         req.emit(req.event(finish_reason=finish_reason, usage=usage, logprobs=req.logprobs, **kw))
+
+    @staticmethod
+    def _cut_short(req: Request, session: Session) -> bool:
+        """Whether a prefill cut off (cancelled) left a cache its session's next turn cannot continue: its
+        replay unfinished, or ids fed whose last one's logits, which score the next id, were dropped
+        (`pending` is gone: the next score's first log-prob came back None, as if there were no context)."""
+        return req.fed < req.n_replay or (session.pending is None and session.tokens_seen > 0)
 
     def fail_all(self, message: str) -> None:
         """A step raised: end every request with an error; their sessions re-prefill from retained ids."""
