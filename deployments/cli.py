@@ -106,6 +106,7 @@ def chat(args: argparse.Namespace) -> None:
         return
     model = args.model or DEFAULT_MODEL
     sampling = engine_sampling(model, args.max_tokens, args.temperature)  # checks the name before torch loads
+    print(f"loading {model}", file=sys.stderr, flush=True)
     from swift_engine import EngineChat, EngineConfig, SamplingParams
 
     backend = EngineChat(EngineConfig(model=model, device=args.device, sink_tokens=args.sink_tokens,

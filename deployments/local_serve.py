@@ -37,8 +37,9 @@ def serve_forever(opts: ServeOptions) -> None:
     start = time.monotonic()
     spec, args, http = read_config(opts.config)
     host, port = opts.host or http.get("host", "127.0.0.1"), opts.port or http.get("port", 8000)
-    for what, p in (("HTTP", port), ("dashboard", opts.dashboard_port), ("metrics", opts.metrics_port)):
-        check_port_free(host if what == "HTTP" else LOOPBACK, p, what)
+    for what, on, p in (("HTTP", host, port), ("dashboard", LOOPBACK, opts.dashboard_port),
+                        ("metrics", "0.0.0.0", opts.metrics_port)):  # where each will listen (metrics: Ray's)
+        check_port_free(on, p, what)
     resolve_model(args.engine.model)  # a GGUF model is converted here, once, with its own progress line
     app_name = spec.get("name", "swiftserve")
     print(f"loading {args.engine.model} on a new local Ray (Ctrl-C stops)", file=sys.stderr, flush=True)
@@ -55,10 +56,13 @@ def serve_forever(opts: ServeOptions) -> None:
         raise PreflightError(f"{opts.config}: {exc}".splitlines()[0]) from None
     stop = _StopSignal()  # from here on a signal drains (or, while loading, stops) instead of being lost
     quiet = quiet_logs(opts.verbose)
-    # the node's address is loopback, so Ray's own ports (metrics included) are not reachable from outside
-    ctx = ray.init(address="local", include_dashboard=True, dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK,
-                   dashboard_port=opts.dashboard_port, _metrics_export_port=opts.metrics_port,
-                   logging_level=quiet.ray_level, log_to_driver=True)
+    try:
+        ctx = ray.init(address="local", include_dashboard=True, dashboard_host=LOOPBACK,
+                       dashboard_port=opts.dashboard_port, _metrics_export_port=opts.metrics_port,
+                       logging_level=quiet.ray_level, log_to_driver=True)
+    except Exception as exc:  # Ray's own start failed (an overloaded host, a full /tmp): one line, no traceback
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise PreflightError(f"the local Ray did not start: {reason}") from None
     drain = DrainSignal.options(name=signal_name(app_name), namespace=NAMESPACE).remote()
     serve.start(http_options={**http, "host": host, "port": port}, logging_config=quiet.serve_config)
     serve._run(app, _blocking=False, name=app_name, route_prefix=spec.get("route_prefix", "/"),
@@ -86,9 +90,10 @@ def _print_ready(seconds: float, host: str, port: int, args, dashboard_url: str,
     where = f"http://{url_host(host)}:{port}/v1"
     if host in ("0.0.0.0", "::"):
         where += f" (every interface; this machine: http://127.0.0.1:{port}/v1)"
+    # Ray 2.60 binds its Prometheus port on every interface of a Linux node, whatever the node address
     print(f"swiftserve ready in {seconds:.1f} s: {where} (model {args.model_id!r}); dashboard "
-          f"http://{dashboard_url}; metrics http://{LOOPBACK}:{metrics_port}/metrics; Ctrl-C drains and stops",
-          file=sys.stderr, flush=True)
+          f"http://{dashboard_url}; metrics http://{LOOPBACK}:{metrics_port}/metrics (every interface: Ray's); "
+          "Ctrl-C drains and stops", file=sys.stderr, flush=True)
 
 
 def _timeout_arg(args, http: dict) -> dict:

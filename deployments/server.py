@@ -27,7 +27,7 @@ from .autoscaling import autoscaling_stats
 from .config import AppArgs
 from .logprobs import token_logprobs
 from .metrics import ServerMetrics
-from .prefill_watch import PrefillWatch
+from .prefill_watch import Prefill, PrefillWatch
 from .protocol import ChatChunk, ChatRequest, ErrorInfo, SessionInfo
 from .sampling_defaults import merged_defaults
 from .store_factory import make_store
@@ -118,9 +118,7 @@ class LLMServer:
         try:
             kw = dict(messages=messages, pin=req.pin or self.args.pin) if messages is not None else \
                 dict(prompt_token_ids=self._encode(req.prompt), pinned_tokens=req.pinned_tokens)
-            tokens = self._new_tokens(sid, messages, kw.get("prompt_token_ids"))
-            self.prefill.check(tokens)
-            prefill = self.prefill.start(sid, tokens)
+            prefill = self._start_prefill(sid, messages, kw.get("prompt_token_ids"))
             async for ev in self.engine.generate(sid, sampling=req.sampling, **kw):
                 now, first = time.perf_counter(), last == start
                 if first:
@@ -166,12 +164,16 @@ class LLMServer:
             if prefill is not None:
                 prefill.stop()
 
-    def _new_tokens(self, sid: str, messages: list[dict] | None, prompt_ids: list[int] | None) -> int:
-        """About how many prompt tokens this turn adds (chat: its new messages' text, without the template)."""
+    def _start_prefill(self, sid: str, messages: list[dict] | None, prompt_ids: list[int] | None) -> Prefill:
+        """Watch this turn's prefill, or refuse it (InvalidRequestError) if it cannot finish in time. Its size:
+        the prompt's ids, or the new messages' text tokens (the chat template's few are left out)."""
         if prompt_ids is not None:
-            return len(prompt_ids)
-        consumed = self.engine.snapshot(sid).messages_consumed if self.engine.has_session(sid) else 0
-        return sum(len(self.engine.tokenizer.encode(m["content"])) for m in messages[consumed:])
+            tokens = len(prompt_ids)
+        else:
+            consumed = self.engine.snapshot(sid).messages_consumed if self.engine.has_session(sid) else 0
+            tokens = sum(len(self.engine.tokenizer.encode(m["content"])) for m in messages[consumed:])
+        self.prefill.check(tokens)
+        return self.prefill.start(sid, tokens)
 
     def _learn_pinned(self, sid: str, key: str | None) -> None:
         """Remember which engine region a request's pinned_key names, for the routing stats."""

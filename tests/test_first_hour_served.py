@@ -11,6 +11,7 @@ import importlib.util
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -58,11 +59,11 @@ def stop(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("first_hour")
-    port = free_port()
+    port, metrics = free_port(), free_port()
     log = tmp / "serve.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "deployments.cli", "serve", "--config", str(config(tmp)),
-                                 "--port", str(port), "--metrics-port", str(free_port()),
+                                 "--port", str(port), "--metrics-port", str(metrics),
                                  "--dashboard-port", str(free_port()), "--grace-s", "3"],
                                 stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
     try:
@@ -70,7 +71,8 @@ def served(tmp_path_factory):
         while "swiftserve ready in" not in log.read_text():
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
-        yield {"proc": proc, "url": f"http://127.0.0.1:{port}", "port": port, "log": log, "home": tmp}
+        yield {"proc": proc, "url": f"http://127.0.0.1:{port}", "port": port, "metrics": metrics, "log": log,
+               "home": tmp}
     finally:
         stop(proc)
 
@@ -90,6 +92,27 @@ def test_start_is_quiet_and_says_what_it_binds(served):
     noisy = [ln for ln in logged[:ready] if " INFO " in ln or "will not be applied" in ln or "WARNING: listening" in ln
              or "Token authentication is enabled" in ln]
     assert not noisy, noisy
+
+
+def outward_address() -> str | None:
+    """This machine's address on its default route (no packet is sent), if it has one besides loopback."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: never routed anywhere
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+def test_the_api_listens_on_loopback_only(served):
+    """(Ray 2.60 binds its metrics port on every interface of a Linux node: not ours to choose.)"""
+    address = outward_address()
+    if address is None:
+        pytest.skip("no address besides loopback")
+    with socket.socket() as sock, pytest.raises(ConnectionRefusedError):
+        sock.settimeout(5)
+        sock.connect((address, served["port"]))
 
 
 def test_default_sampling_answers_paris(served):
