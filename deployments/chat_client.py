@@ -2,6 +2,7 @@
 Every failure becomes one line (ChatError) that says what to do."""
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -28,7 +29,9 @@ class ServerChat:
             listed = self.client.models.list().data
         served = [m.id for m in listed]
         if model is not None and model not in served:
-            raise ChatError(f"model {model!r} is not served at {self.base} (it serves {', '.join(served)})")
+            near = difflib.get_close_matches(model, served, n=1)
+            hint = f"; did you mean {near[0]}?" if near else ""
+            raise ChatError(f"model {model!r} is not served at {self.base}{hint} (it serves {', '.join(served)})")
         self.model = model or served[0]
         self.defaults = next((m.model_extra or {} for m in listed if m.id == self.model), {}).get("sampling_defaults")
 

@@ -44,7 +44,6 @@ def serve_forever(opts: ServeOptions) -> None:
     app_name = spec.get("name", "swiftserve")
     print(f"loading {args.engine.model} on a new local Ray (Ctrl-C stops)", file=sys.stderr, flush=True)
 
-    import ray
     from ray import serve
 
     from .app import app_from_config
@@ -56,21 +55,16 @@ def serve_forever(opts: ServeOptions) -> None:
         raise PreflightError(f"{opts.config}: {exc}".splitlines()[0]) from None
     stop = _StopSignal()  # from here on a signal drains (or, while loading, stops) instead of being lost
     quiet = quiet_logs(opts.verbose)
-    try:
-        ctx = ray.init(address="local", include_dashboard=True, dashboard_host=LOOPBACK,
-                       dashboard_port=opts.dashboard_port, _metrics_export_port=opts.metrics_port,
-                       logging_level=quiet.ray_level, log_to_driver=True)
-    except Exception as exc:  # Ray's own start failed (an overloaded host, a full /tmp): one line, no traceback
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise PreflightError(f"the local Ray did not start: {reason}") from None
+    ctx = _start_ray(opts, quiet.ray_level)
     drain = DrainSignal.options(name=signal_name(app_name), namespace=NAMESPACE).remote()
     serve.start(http_options={**http, "host": host, "port": port}, logging_config=quiet.serve_config)
     serve._run(app, _blocking=False, name=app_name, route_prefix=spec.get("route_prefix", "/"),
                logging_config=quiet.app_config)
     stop.install()  # again: ray.init installs handlers of its own
     if not _wait_ready(app_name, stop):
-        serve.shutdown()
-        raise PreflightError(f"application {app_name!r} failed to deploy: {_app_message(app_name)}")
+        message = _app_message(app_name)
+        _shut_down(app_name)
+        raise PreflightError(f"application {app_name!r} failed to deploy: {message}")
     if not stop.count:
         _print_ready(time.monotonic() - start, host, port, args, ctx.dashboard_url, opts.metrics_port)
     while not stop.count:
@@ -94,6 +88,19 @@ def _print_ready(seconds: float, host: str, port: int, args, dashboard_url: str,
     print(f"swiftserve ready in {seconds:.1f} s: {where} (model {args.model_id!r}); dashboard "
           f"http://{dashboard_url}; metrics http://{LOOPBACK}:{metrics_port}/metrics (every interface: Ray's); "
           "Ctrl-C drains and stops", file=sys.stderr, flush=True)
+
+
+def _start_ray(opts: ServeOptions, level: int):
+    """A new local Ray (its dashboard on loopback); a failed start is one line, not Ray's traceback."""
+    import ray
+
+    try:
+        return ray.init(address="local", include_dashboard=True, dashboard_host=LOOPBACK,
+                        dashboard_port=opts.dashboard_port, _metrics_export_port=opts.metrics_port,
+                        logging_level=level, log_to_driver=True)
+    except Exception as exc:  # an overloaded host, a full /tmp
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise PreflightError(f"the local Ray did not start: {reason}") from None
 
 
 def _timeout_arg(args, http: dict) -> dict:

@@ -130,6 +130,9 @@ def test_chat_cli_uses_the_servers_defaults(served):
                          timeout=120, env={**os.environ, "HOME": str(served["home"])})
     assert out.returncode == 0 and "greedy" in out.stderr, out.stderr
     assert "Paris" in out.stdout, out.stdout
+    out = subprocess.run([sys.executable, "-m", "deployments.cli", "chat", "--url", served["url"], "--model",
+                          "smollm2-135m-instrct"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 1 and "did you mean smollm2-135m-instruct?" in out.stderr.strip(), out.stderr
 
 
 def test_prompt_too_long_for_the_timeout_is_refused_up_front(served):
