@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 import ray
 
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, free_port
 from tests.redis_server import redis_server as _redis_server
 
 
@@ -24,7 +24,9 @@ def ray_local() -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    ray.init(num_cpus=2, include_dashboard=False, namespace="swiftserve-tests")
+    # include_dashboard=False still starts Ray's dashboard process, on 8265 when free: a free port instead,
+    # so another Ray on this machine (or the next `ray start`) is not disturbed, nor disturbs us
+    ray.init(num_cpus=2, include_dashboard=False, dashboard_port=free_port(), namespace="swiftserve-tests")
     try:
         yield
     finally:

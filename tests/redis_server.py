@@ -5,11 +5,15 @@ It can be stopped and started again on the same port, to play a Redis outage.
 
 from __future__ import annotations
 
+import atexit
+import ctypes
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +21,42 @@ from pathlib import Path
 from urllib.parse import quote
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+_LIVE: set[subprocess.Popen] = set()  # started here and not yet reaped: killed at exit whatever happened
+
+
+# looked up here, not in the forked child (dlopen there may wait on a lock another thread held at the fork)
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: Linux kills it when the test process dies, even by SIGKILL (no atexit then)."""
+    _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def spawn(args: list[str]) -> subprocess.Popen:
+    """A child server process that cannot outlive the tests: reaped at exit, and killed with the test process.
+    The death signal follows the forking *thread*: only the main thread's children get it (one started from a
+    worker thread would die with that thread)."""
+    main = sys.platform == "linux" and threading.current_thread() is threading.main_thread()
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=_die_with_parent if main else None)
+    _LIVE.add(proc)
+    return proc
+
+
+def reap(proc: subprocess.Popen) -> None:
+    """Kill (a paused process too) and wait; safe on one already gone."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+    proc.wait(timeout=10)
+    _LIVE.discard(proc)
+
+
+@atexit.register
+def _reap_all() -> None:
+    for proc in list(_LIVE):
+        reap(proc)
 
 
 def free_port() -> int:
@@ -51,7 +91,7 @@ class RedisServer:
         if self.password:
             options["requirepass"] = self.password
         args = [REDIS_SERVER, *(arg for k, v in options.items() for arg in (f"--{k}", v))]
-        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._proc = spawn(args)
         deadline = time.monotonic() + timeout_s
         while not self._answers():
             if self._proc.poll() is not None or time.monotonic() > deadline:
@@ -65,12 +105,13 @@ class RedisServer:
         writing a snapshot that the next ``start`` loads (a restart that keeps data)."""
         if self._proc is None:
             return
-        if save:
-            self._request([b"SHUTDOWN", b"SAVE"])
-        else:
-            self._proc.kill()
-        self._proc.wait(timeout=10)
-        self._proc = None
+        proc, self._proc = self._proc, None
+        try:
+            if save:
+                self._request([b"SHUTDOWN", b"SAVE"])
+                proc.wait(timeout=10)
+        finally:  # a failed save (or wait) still leaves no process behind
+            reap(proc)
 
     def pause(self) -> None:
         """SIGSTOP: the server still accepts connections (the kernel does) but never answers."""
@@ -80,8 +121,10 @@ class RedisServer:
         self._proc.send_signal(signal.SIGCONT)
 
     def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self._dir, ignore_errors=True)
 
     def _answers(self) -> bool:
         # "+PONG" or "-NOAUTH ..." both mean the server is up.

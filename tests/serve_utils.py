@@ -30,9 +30,9 @@ def running_app(args_update: dict | None = None, tiny: bool = True):
     model = {k: local_app_spec()["args"][k] for k in ("model_id", "engine")} if tiny else {}
     app, _ = app_from_config(LOCAL_CONFIG, {**model, **(args_update or {})})
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app, name="swiftserve", route_prefix="/")
-    try:
+    try:  # a deploy that fails (or a test interrupted while it waits) still tears down what started
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(app, name="swiftserve", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import site
 import socket
 import subprocess
 import sys
@@ -47,17 +48,29 @@ def one_line_error(out: subprocess.CompletedProcess, *words: str) -> str:
 # ---- the wheel ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory) -> Path:
-    """The wheel built from this tree, installed (no deps: they come from the system site) in a fresh venv."""
+    """The wheel built from this tree, installed (no deps: they come from the test interpreter's site) in a fresh venv."""
     tmp = tmp_path_factory.mktemp("wheel")
     built = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp),
                  str(ROOT)], timeout=300)
     assert built.returncode == 0, built.stderr
     wheel = next(tmp.glob("swiftserve-*.whl"))
     env_dir = tmp / "venv"
-    run([sys.executable, "-m", "venv", "--system-site-packages", str(env_dir)])
+    made = run([sys.executable, "-m", "venv", str(env_dir)])
+    assert made.returncode == 0, made.stderr
     installed = run([str(env_dir / "bin" / "pip"), "install", "-q", "--no-deps", "--force-reinstall", str(wheel)])
     assert installed.returncode == 0, installed.stderr
+    see_test_site_packages(env_dir)
     return env_dir
+
+
+def see_test_site_packages(env_dir: Path) -> None:
+    """Let the venv import what the interpreter running the tests has (torch, ray, ...). Not
+    --system-site-packages: under the README's .venv that is the base interpreter's, which has none of them.
+    Plain path lines, after the venv's own site-packages, so its wheel comes first; the test interpreter's
+    .pth files are not run (an editable install of this tree would hook imports ahead of the wheel)."""
+    purelib = run([str(env_dir / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
+    assert purelib.returncode == 0, purelib.stderr
+    (Path(purelib.stdout.strip()) / "swiftserve-tests-parent.pth").write_text("\n".join(site.getsitepackages()) + "\n")
 
 
 def venv_env() -> dict:
@@ -94,8 +107,9 @@ def test_bad_config_and_unknown_model_are_one_line_before_ray(tmp_path):
     one_line_error(out, "applications[0].args.engine.window_tokens")
     spec["applications"][0]["args"]["engine"].update(window_tokens=252, model="no-such-org/no-such-model")
     (tmp_path / "model.yaml").write_text(yaml.safe_dump(spec))
-    out = run([sys.executable, "-m", "deployments.cli", "serve", "--config", str(tmp_path / "model.yaml")])
-    one_line_error(out, "'no-such-org/no-such-model'")
+    ports = [arg for flag in ("--port", "--dashboard-port", "--metrics-port") for arg in (flag, str(free_port()))]
+    out = run([sys.executable, "-m", "deployments.cli", "serve", "--config", str(tmp_path / "model.yaml"), *ports])
+    one_line_error(out, "'no-such-org/no-such-model'")  # not "port 8265 in use" when another Ray runs here
     out = run([sys.executable, "-m", "deployments.cli", "chat", "--model", "no-such-org/no-such-model"])
     one_line_error(out, "'no-such-org/no-such-model'")
     out = run([sys.executable, "-m", "deployments.cli", "chat", "--url", f"http://127.0.0.1:{free_port()}/v1"])
@@ -137,8 +151,21 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_conversation(tmp_path):
 def server(venv, tmp_path_factory):
     """`swiftserve serve` from the wheel: the packaged default config with a real Redis store and API keys."""
     tmp = tmp_path_factory.mktemp("serve")
-    redis = RedisServer()
-    redis.start()
+    redis, proc = RedisServer(), None
+    try:  # a server that fails to start (or a failed test) leaves neither it nor its Redis running
+        redis.start()
+        proc, ports = serve_from_wheel(venv, tmp, redis)
+        yield {"proc": proc, "url": f"http://127.0.0.1:{ports['port']}", "redis": redis, "log": tmp / "serve.log",
+               "metrics": f"http://127.0.0.1:{ports['metrics']}/metrics", "home": tmp}
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        redis.close()
+
+
+def serve_from_wheel(venv: Path, tmp: Path, redis: RedisServer) -> tuple[subprocess.Popen, dict]:
+    """`swiftserve serve` started and ready, with its ports; killed here if it never gets ready."""
     import configs
 
     spec = yaml.safe_load((Path(configs.__file__).parent / "local.yaml").read_text())
@@ -152,16 +179,16 @@ def server(venv, tmp_path_factory):
                              "--host", "127.0.0.1", "--port", str(ports["port"]), "--grace-s", str(GRACE_S),
                              "--metrics-port", str(ports["metrics"]), "--dashboard-port", str(ports["dashboard"])],
                             stdout=log, stderr=subprocess.STDOUT, cwd=tmp, env=venv_env())
-    deadline = time.monotonic() + 420  # a loaded 2-core machine takes minutes
-    while "swiftserve ready in" not in (tmp / "serve.log").read_text():
-        assert proc.poll() is None and time.monotonic() < deadline, (tmp / "serve.log").read_text()[-3000:]
-        time.sleep(0.5)
-    yield {"proc": proc, "url": f"http://127.0.0.1:{ports['port']}", "redis": redis, "log": tmp / "serve.log",
-           "metrics": f"http://127.0.0.1:{ports['metrics']}/metrics", "home": tmp}
-    if proc.poll() is None:
+    try:
+        deadline = time.monotonic() + 420  # a loaded 2-core machine takes minutes
+        while "swiftserve ready in" not in (tmp / "serve.log").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp / "serve.log").read_text()[-3000:]
+            time.sleep(0.5)
+    except BaseException:
         proc.kill()
         proc.wait()
-    redis.close()
+        raise
+    return proc, ports
 
 
 def test_ready_means_every_series_at_zero_and_health(server):

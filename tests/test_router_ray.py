@@ -12,6 +12,7 @@ from ray.serve.handle import DeploymentHandle
 
 from benchmarks.cache_holder import app_config, deploy
 from routing.router import RecentPlacements
+from tests.redis_server import free_port
 
 pytestmark = pytest.mark.ray
 
@@ -28,7 +29,8 @@ Turn = tuple[str, int, str, bool]  # session, turn index, replica id, cache hit
 def cluster():
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # a free dashboard port: without one Ray's dashboard process takes 8265 (include_dashboard=False too)
+        ray.init(num_cpus=2, include_dashboard=False, dashboard_port=free_port(), log_to_driver=False)
     yield
     serve.shutdown()
     if started:
