@@ -84,8 +84,11 @@ async def node_loss_run(cluster: LocalRayCluster, url: str, store_url: str, sess
                     "Serve drops the replicas of the dead node")
         serve_noticed_s = time.monotonic() - killed
 
-        def moved_ok() -> list:
-            return [a for a in traffic.attempts if a.ok and a.sid in affected and a.start > killed]
+        victim_replicas = {r for r, node in replica_node.items() if node == victim_id}
+
+        def moved_ok() -> list:  # turns the survivors answered (one in flight may have been resent by the ingress)
+            return [a for a in traffic.attempts
+                    if a.ok and a.sid in affected and a.end > killed and a.replica not in victim_replicas]
         await until(lambda: {a.sid for a in moved_ok()} == affected, 180, "every affected session has a turn")
     finally:
         traffic.stop.set()
@@ -99,12 +102,20 @@ async def node_loss_run(cluster: LocalRayCluster, url: str, store_url: str, sess
                "failed_attempts_after_kill": len(traffic.failures(killed, time.monotonic())),
                "error_kinds": sorted({a.error.split(":")[0] for a in traffic.failures(killed, time.monotonic())}),
                "affected_reprefilled": sum(a.reprefill_ms is not None for a in first.values()),
-               "affected_on_another_replica": sum(a.replica != last[sid] for sid, a in first.items()),
+               # a turn that had committed on the dead node but whose reply never arrived: its retry is
+               # answered with the committed reply (no second run, so no re-prefill header)
+               "affected_replayed": sum(a.reprefill_ms is None and retried(traffic, a, killed)
+                                        for a in first.values()),
                "turns_acknowledged": sum(c.turns for c in traffic.convs)}
-    return figures | await store_check(traffic, store_url)
+    return figures | await store_check(traffic, store_url, affected, victim_replicas)
 
 
-async def store_check(traffic: Traffic, store_url: str) -> dict:
+def retried(traffic: Traffic, ok, since: float) -> bool:
+    """Whether `ok` followed a failed attempt of the same session after `since` (the same turn, resent)."""
+    return any(a.sid == ok.sid and not a.ok and since < a.end <= ok.start for a in traffic.attempts)
+
+
+async def store_check(traffic: Traffic, store_url: str, affected: set[str], dead: set[str]) -> dict:
     store = RedisSessionStore(store_url, prefix=PREFIX)
     try:
         records = {c.sid: await store.get(c.sid) for c in traffic.convs}
@@ -113,7 +124,9 @@ async def store_check(traffic: Traffic, store_url: str) -> dict:
     stored = {sid: (r.turns, r.messages_consumed) if r else (0, 0) for sid, r in records.items()}
     return {"acknowledged_turns_lost": sum(max(0, c.turns - stored[c.sid][0]) for c in traffic.convs),
             "history_mismatches": len(traffic.mismatches()),
-            "sessions_continued": sum(stored[c.sid] == (c.turns, len(c.history)) for c in traffic.convs)}
+            "sessions_continued": sum(stored[c.sid] == (c.turns, len(c.history)) for c in traffic.convs),
+            "affected_owned_by_survivor": sum(records[sid] is not None and records[sid].owner not in dead
+                                              for sid in affected)}
 
 
 async def scale_back(cluster: LocalRayCluster) -> dict:

@@ -76,12 +76,21 @@ class LocalRayCluster:
         self._wait(node, lambda: len(self.alive_nodes()) == 1, timeout_s)
         return node
 
-    def add_worker(self, cpus: int = 2, timeout_s: float = 120.0) -> RayNode:
+    def add_worker(self, cpus: int = 2, timeout_s: float = 120.0, tries: int = 3) -> RayNode:
+        """A worker node joins; on a loaded machine a raylet may time out registering: it is killed and
+        started again (up to `tries` times)."""
         before = len(self.alive_nodes())
-        node = self._start(f"worker{len(self.nodes)}", ["--address", f"127.0.0.1:{self.gcs_port}",
-                                                        "--num-cpus", str(cpus)])
-        self._wait(node, lambda: len(self.alive_nodes()) > before, timeout_s)
-        return node
+        for attempt in range(tries):
+            node = self._start(f"worker{len(self.nodes)}", ["--address", f"127.0.0.1:{self.gcs_port}",
+                                                            "--num-cpus", str(cpus)])
+            try:
+                self._wait(node, lambda: len(self.alive_nodes()) > before, timeout_s)
+                return node
+            except RuntimeError:
+                node.kill()
+                if attempt == tries - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     def _start(self, name: str, args: list[str]) -> RayNode:
         nm_port = free_port()

@@ -81,9 +81,9 @@ async def stall_replicas(cluster: SentinelCluster, traffic: Traffic, stall_s: fl
             node.resume()
     resumed = time.monotonic()
     await asyncio.sleep(settle_s)
-    # a turn acknowledged between the stop (plus one in-flight reply's margin) and the resume would have
-    # been acknowledged without a replica: exactly what min_replicas_acked forbids
-    acked_while_stalled = traffic.acknowledged(stopped + 0.3, resumed)
+    # a turn acknowledged between the stop (plus a margin for replies on their way) and the resume
+    # was acknowledged without a replica: exactly what min_replicas_acked forbids
+    acked_while_stalled = traffic.acknowledged(stopped + 1.0, resumed)
     return fault_figures(traffic, "stop replicas", stopped, time.monotonic()) | {
         "stall_s": stall_s, "acknowledged_while_stalled": len(acked_while_stalled)}
 
