@@ -128,6 +128,12 @@ class EngineMachine(RuleBasedStateMachine):
         try:
             if hasattr(self, "core"):
                 self.drain()
+                c = self.core
+                for what, n in (("evicted", c.scheduler.evictions), ("offloaded", c.host.offloads),
+                                ("reloaded", c.host.reloads), ("host-dropped", c.host.drops),
+                                ("aged", c.ageing.aged), ("shared a pinned region", c.cache.pinned.pages_saved()),
+                                ("failed a step", self.failed_on_purpose), ("re-prefilled", c.reprefills)):
+                    label(f"example {what}: {bool(n)}")
         finally:
             core_module.time, session_module.time = self.saved_time
 
