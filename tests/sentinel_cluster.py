@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
-from tests.redis_server import REDIS_SERVER, _resp, free_port
+from tests.redis_server import REDIS_SERVER, _resp, free_port, reap, spawn
 
 SERVICE = "mymaster"
 DOWN_AFTER_MS = 1000  # a primary silent this long is down (subjectively; objectively with the quorum)
@@ -35,7 +35,7 @@ class Node:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, args: list[str], timeout_s: float = 10.0) -> None:
-        self.proc = subprocess.Popen([REDIS_SERVER, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = spawn([REDIS_SERVER, *args])  # reaped at exit, and killed with the test process
         deadline = time.monotonic() + timeout_s
         while not self.answers():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -46,9 +46,7 @@ class Node:
     def kill(self) -> None:
         """SIGKILL (a crashed process or lost machine) and reap it."""
         if self.proc is not None:
-            self.proc.send_signal(signal.SIGCONT)  # a paused process dies only once resumed by the kernel
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+            reap(self.proc)  # a paused one too
             self.proc = None
 
     def pause(self) -> None:
