@@ -4,6 +4,8 @@ fencing across a failover, and durable commits (WAIT for replicas) that time out
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
 import time
 import uuid
 
@@ -15,6 +17,7 @@ from routing.redis_connect import parse_sentinel_url
 from routing.redis_store import RedisSessionStore
 from routing.store import (ReplicationTimeoutError, StaleEpochError, StoreUnavailableError, record_key,
                            retry_commit)
+from tests.redis_server import REDIS_SERVER, free_port, reap, spawn
 from tests.sentinel_cluster import SentinelCluster, sentinel_cluster
 
 pytestmark = pytest.mark.redis
@@ -148,3 +151,34 @@ def test_min_replicas_acked_is_typed_and_needs_redis():
         with pytest.raises(ValidationError) as caught:
             AppArgs(**bad)
         assert caught.value.errors()[0]["loc"][0] in bad
+
+
+async def test_rediss_sentinel_speaks_tls_to_sentinels_and_primary(tmp_path, monkeypatch):
+    """rediss+sentinel://: TLS to the Sentinel (discovery) and to the primary it names, the password on both."""
+    if not shutil.which("openssl"):
+        pytest.skip("openssl not installed (makes the test certificate)")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    tls = ["--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
+           "--tls-auth-clients", "no", "--port", "0", "--bind", "127.0.0.1", "--requirepass", "pw"]
+    primary, sentinel = free_port(), free_port()
+    conf = tmp_path / "sentinel.conf"  # Sentinel rewrites its config file
+    conf.write_text(f"sentinel monitor m 127.0.0.1 {primary} 1\nsentinel auth-pass m pw\n")
+    procs = [spawn([REDIS_SERVER, "--tls-port", str(primary), "--save", "", "--dir", str(tmp_path), *tls]),
+             spawn([REDIS_SERVER, str(conf), "--sentinel", "--tls-port", str(sentinel), "--tls-replication", "yes",
+                    "--dir", str(tmp_path), *tls])]
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the CA that signed the servers' certificate
+    store = RedisSessionStore(f"rediss+sentinel://:pw@127.0.0.1:{sentinel}/m/0", timeout_s=0.5)
+    plain = RedisSessionStore(f"redis+sentinel://:pw@127.0.0.1:{sentinel}/m/0", timeout_s=0.5)
+    try:
+        assert (await until_served(lambda: store.claim("s", "a"), timeout_s=20)).epoch == 1
+        assert (await store.get("s")).owner == "a"
+        with pytest.raises(StoreUnavailableError):  # plain text to the TLS Sentinel finds no primary
+            await plain.get("s")
+    finally:
+        await store.close()
+        await plain.close()
+        for proc in procs:
+            reap(proc)
