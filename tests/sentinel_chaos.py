@@ -37,15 +37,17 @@ STORE_ARGS = {"durability": "strict", "min_replicas_acked": 1, "replica_ack_time
 
 
 @contextmanager
-def sentinel_app(cluster: SentinelCluster, replicas: int = 3) -> Iterator[str]:
-    """serve.run the local app (tiny model) with `replicas` LLMServers on the Sentinel store; yields its URL."""
+def sentinel_app(cluster: SentinelCluster, replicas: int = 3, args: dict | None = None) -> Iterator[str]:
+    """serve.run the local app (tiny model) with `replicas` LLMServers on the Sentinel store (STORE_ARGS, updated
+    by `args`); yields its URL."""
     config = yaml.safe_load(LOCAL_CONFIG.read_text())
     config["applications"][0] = spec = local_app_spec()
     next(d for d in spec["deployments"] if d["name"] == "LLMServer")["num_replicas"] = replicas
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
         yaml.safe_dump(config, f)
         f.flush()
-        app, _ = app_from_config(f.name, {"store_url": cluster.url, "store_key_prefix": PREFIX, **STORE_ARGS})
+        app, _ = app_from_config(f.name, {"store_url": cluster.url, "store_key_prefix": PREFIX,
+                                             **STORE_ARGS, **(args or {})})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(app, name="swiftserve", route_prefix="/")
