@@ -32,7 +32,7 @@ from swift_engine.engine import core as core_module
 from swift_engine.engine import session as session_module
 from swift_engine.engine.core import EngineCore
 from swift_engine.engine.request import Request
-from swift_engine.errors import SessionBusyError
+from swift_engine.errors import InvalidRequestError, SessionBusyError
 from swift_engine.models.random_init import random_model
 from swift_engine.models.tiny import TINY_CONFIG
 from tests.reference_stream import ReferenceStream
@@ -251,6 +251,22 @@ class EngineMachine(RuleBasedStateMachine):
                       sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True),
                       pinned_tokens=MAX_PIN if pinned else 0)
         self.submit(req, self.core.submit)
+
+    @rule(sid=st.sampled_from(SESSIONS), n=st.integers(1, 12))
+    def refused(self, sid, n):
+        """A first turn pinning more than max_pinned_tokens is refused with a typed error and changes nothing
+        (a later turn's pin is ignored: pinning applies to a session's first turn only)."""
+        s = self.core.sessions.get(sid)
+        first = s is None or not (s.tokens_seen or s.needs_reprefill)
+        before = None if s is None else s.snapshot()
+        req = Request(f"r{next(self.ids)}", sid, "score", self.new_ids(n + 2, 0, True), None,
+                      pinned_tokens=MAX_PIN + 1)
+        if not first or sid in self.turns:
+            return self.submit(req, self.core.submit)
+        with pytest.raises(InvalidRequestError, match="max_pinned_tokens"):
+            self.core.submit(req)
+        after = self.core.sessions.get(sid)
+        assert (None if after is None else after.snapshot()) == before, f"{sid} changed by a refused turn"
 
     @rule(sids=st.lists(st.sampled_from(SESSIONS), min_size=2, max_size=5, unique=True), n=st.integers(1, 12))
     def burst(self, sids, n):
