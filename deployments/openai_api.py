@@ -220,7 +220,7 @@ class OpenAIIngress:
         if first.reprefill_s is not None:
             headers[REPREFILL_HEADER] = f"{1000 * first.reprefill_s:.1f}"
             headers[REPREFILL_CAUSE_HEADER] = first.reprefill_cause
-        if sid:
+        if sid and sid.isascii():  # a body's session_id may be any text; a header holds latin-1 (else a 500)
             headers[SESSION_HEADER] = sid
         rid = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
         shape = Shaper(kind, rid, self.args.model_id, body.wants_logprobs, first)
