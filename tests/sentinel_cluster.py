@@ -227,8 +227,15 @@ class SentinelCluster:
             time.sleep(0.05)
         raise RuntimeError(f"no replica promoted within {timeout_s}s")
 
-    def rejoin(self, node: Node) -> None:
-        """Restart a killed data node as a replica of the current primary (what a restarted pod does)."""
+    def rejoin(self, node: Node, timeout_s: float = 30.0) -> None:
+        """Restart a killed data node as a replica of the current primary (what a restarted pod does), once
+        every Sentinel names a primary other than it (one that has not heard of the promotion yet would
+        name the dead node itself)."""
+        deadline = time.monotonic() + timeout_s
+        while len(ports := {self.master_port(s) for s in self.sentinels}) != 1 or ports in ({node.port}, {None}):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Sentinels do not agree on a primary other than {node.name}: {ports}")
+            time.sleep(0.1)
         primary = self.primary()
         self.start_data(node, primary.port)
         self.wait_stable(primary)
