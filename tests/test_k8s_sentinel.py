@@ -13,11 +13,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-import yaml
 
 from deployments.config import AppArgs
 from routing.redis_connect import parse_sentinel_url
-from tests.redis_server import free_port
 from tests.sentinel_cluster import Node
 from tests.test_k8s_manifests import (K8S, K8S_VERSIONS, _k8s_validate, _ray_templates, _render_script, app_config,
                                       crd_errors, matches, one, raycluster_from, rayservice, render, serve_config)
