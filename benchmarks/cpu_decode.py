@@ -52,7 +52,7 @@ def main() -> None:
                        max_batch_tokens=256, max_running=16)
     built = StreamingEngine(cfg, progress=False)  # the model and tokenizer as the engine loads them
     built.shutdown()
-    core = EngineCore(cfg, built.core.model, built.tokenizer)  # driven from this thread alone
+    core = EngineCore(cfg, built.inspect(lambda c: c.model), built.tokenizer)  # driven from this thread alone
     rows = []
     for case in tqdm(a.cases, desc="cases"):
         b, n = map(int, case.split("x"))

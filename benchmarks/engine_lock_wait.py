@@ -5,25 +5,46 @@ prefill step on the tiny CPU model (no lock is held across a step; README "Archi
     python benchmarks/engine_lock_wait.py
 """
 import asyncio
+import os
 import statistics
-import threading
+import tempfile
 import time
 
 from swift_engine import EngineConfig, SamplingParams, StreamingEngine
 
 
-def slow_steps(engine: StreamingEngine, seconds: float) -> threading.Event:
-    """Make every later step of `engine` take `seconds` longer; the event is set when one starts
-    (also used by tests/test_engine.py)."""
-    real, started = engine.core.runner.run, threading.Event()
+def slow_steps(engine: StreamingEngine, seconds: float) -> "StepStarted":
+    """Make every later step of `engine` take `seconds` longer; `.wait()` returns once one starts
+    (also used by tests/test_engine.py). The engine runs in its own process: it says so in a file."""
+    flag = StepStarted()
 
-    def slow(*a, **k):
-        started.set()
-        time.sleep(seconds)
-        return real(*a, **k)
+    def install(core, seconds, path):
+        real = core.runner.run
 
-    engine.core.runner.run = slow
-    return started
+        def slow(*a, **k):
+            open(path, "w").close()
+            time.sleep(seconds)
+            return real(*a, **k)
+
+        core.runner.run = slow
+    engine.inspect(install, seconds, flag.path)
+    return flag
+
+
+class StepStarted:
+    def __init__(self):
+        fd, self.path = tempfile.mkstemp(prefix="swift-step-")
+        os.close(fd)
+        os.unlink(self.path)
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(self.path):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        os.unlink(self.path)
+        return True
 
 
 async def main():

@@ -17,6 +17,13 @@ from tqdm import tqdm
 from swift_engine import EngineConfig, SamplingParams, StreamingEngine
 
 
+def cache_of(core, session_id: str) -> tuple[int, int, int]:
+    """A session's cached tokens, pages and KV bytes (run in the engine process: StreamingEngine.inspect)."""
+    table, cache = core.sessions[session_id].table, core.cache
+    return table.tokens, table.pages, table.pages * cache.P * cache.k[0, 0].numel() * cache.k.element_size() \
+        * 2 * cache.k.shape[0]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="tiny")
@@ -38,11 +45,9 @@ def main() -> None:
         events = engine.generate_sync("long", prompt_token_ids=[1], sampling=sampling)
         elapsed = time.perf_counter() - start
         seen = engine.snapshot("long").tokens_seen
-        table = engine.core.sessions["long"].table
-        kv_bytes = table.pages * engine.core.cache.P * engine.core.cache.k[0, 0].numel() \
-            * engine.core.cache.k.element_size() * 2 * engine.core.cache.k.shape[0]
+        tokens, pages, kv_bytes = engine.inspect(cache_of, "long")
         rows.append({"tokens_seen": seen, "ms_per_token": 1000 * elapsed / len(events),
-                     "cache_tokens": table.tokens, "cache_pages": table.pages, "kv_bytes": kv_bytes})
+                     "cache_tokens": tokens, "cache_pages": pages, "kv_bytes": kv_bytes})
     engine.shutdown()
     first, last = rows[0]["ms_per_token"], rows[-1]["ms_per_token"]
     print(f"{'tokens seen':>12} {'ms/token':>9} {'cache tokens':>13} {'pages':>6} {'KV bytes':>10}")

@@ -40,7 +40,7 @@ def pages_part(device: str, shape: str, n: int, P: int, W: int) -> dict:
     mbt = 1024
     pool = P // 16 + n * (W // 16) + 8 * running_pages(P, W, 16, mbt)
     e = engine(device, shape, 4, W, P, pool, mbt)
-    vocab = e.core.vocab_size
+    vocab = e.inspect(lambda c: c.vocab_size)
     prompt = C.random_ids(P, vocab, 1)
     for i in tqdm(range(n), desc=f"{n} sessions, P={P}, W={W}"):
         e.generate_sync(f"s{i}", prompt_token_ids=prompt + C.random_ids(W, vocab, 100 + i), sampling=ONE_TOKEN,
@@ -59,7 +59,7 @@ def ttft_part(device: str, shape: str, P: int, user: int, reps: int) -> dict:
     W = 2048
     mbt = P + user + 16
     e = engine(device, shape, 4, W, P, 8 * running_pages(P, W, 16, mbt), mbt)  # 7B: 24 GiB of KV
-    vocab = e.core.vocab_size
+    vocab = e.inspect(lambda c: c.vocab_size)
     shared = C.random_ids(P, vocab, 7)
 
     def ttft(sid: str, prompt: list[int], seed: int) -> float:

@@ -53,7 +53,7 @@ def main():
                                progress=False)
 
     e = make(args.window)
-    tok = e.core.tokenizer
+    tok = e.tokenizer
     prompt = [tok.hf.bos_token_id] * (tok.hf.bos_token_id is not None) + tok.encode(PROMPT)
     filler_once = tok.encode(FILLER)
     filler = (filler_once * (args.laps * args.window // len(filler_once) + 1))[:args.laps * args.window]

@@ -7,8 +7,8 @@ the caller's thread (engine/turn_render.py) and the engine thread only checks th
 both paths are timed here in one run (tiny model and its tokenizer, CPU):
 
   engine renders   EngineCore.submit(req, messages): what the engine thread did before
-  prerendered      EngineCore.submit(req, messages, prerender(...)): what it does now
-  caller           EngineCore.prerender(...): the same work, on the caller's thread
+  prerendered      EngineCore.submit(req, messages, render_turn(...)): what it does now
+  caller           render_turn(...): the same work, in the front end
 
     python benchmarks/turn_render.py
 """
@@ -26,6 +26,7 @@ from swift_engine.config import EngineConfig
 from swift_engine.engine.core import EngineCore
 from swift_engine.engine.request import Request
 from swift_engine.engine.session import Session, chain_digest
+from swift_engine.engine.turn_render import TurnState, render_turn
 from swift_engine.sampling import SamplingParams
 
 WORDS = "the cache keeps sink tokens and a sliding window of recent ones so a conversation goes on".split()
@@ -43,6 +44,11 @@ def session_after(core: EngineCore, sid: str, msgs: list[dict]) -> None:
     s = Session(sid, core.config.sink_tokens, core.config.window_tokens)
     s.messages_consumed, s.messages_digest, s.tokens_seen, s.turns = len(msgs) - 1, chain_digest("", msgs[:-1]), 64, 1
     core.sessions[sid] = s
+
+
+def prerender(core: EngineCore, sid: str, msgs: list[dict]):
+    """What the front end does before sending a turn (StreamingEngine._prerender)."""
+    return render_turn(core.tokenizer, TurnState.of(core.sessions.get(sid)), sid, msgs, "none")
 
 
 def timed(fn, reps: int) -> float:
@@ -65,8 +71,8 @@ def measure(core: EngineCore, n: int, reps: int) -> dict:
         core.submit(Request(f"{sid}-r", sid, "generate", [], emit=lambda ev: None, sampling=sampling), msgs, rendered)
 
     engine_us = timed(lambda i: submit(i), reps)
-    pre = [core.prerender(f"h{n}-{reps + i}", msgs, "none") for i in range(reps)]
-    caller_us = timed(lambda i: core.prerender(f"h{n}-{reps + i}", msgs, "none"), reps)
+    pre = [prerender(core, f"h{n}-{reps + i}", msgs) for i in range(reps)]
+    caller_us = timed(lambda i: prerender(core, f"h{n}-{reps + i}", msgs), reps)
     pre_us = timed(lambda i: submit(i, pre[i], tag="p"), reps)
     core.scheduler.waiting.clear()
     return dict(history_messages=n, engine_renders_us=engine_us, prerendered_us=pre_us, caller_us=caller_us,
@@ -81,7 +87,7 @@ def main() -> None:
     cfg = EngineConfig(model="tiny", sink_tokens=4, window_tokens=48, page_size=8, max_running=4096)
     built = StreamingEngine(cfg, progress=False)  # the model and tokenizer as the engine loads them
     built.shutdown()
-    core = EngineCore(cfg, built.core.model, built.tokenizer)  # driven from this thread alone
+    core = EngineCore(cfg, built.inspect(lambda c: c.model), built.tokenizer)  # driven from this thread alone
     rows = []
     for n in tqdm(a.messages, desc="history lengths"):
         rows.append(measure(core, n, a.reps))

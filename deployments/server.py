@@ -19,7 +19,7 @@ from ray import serve
 from routing.affinity import pack_epochs, pack_sessions
 from routing.store import (QuotaExceededError, SessionRecord, StaleEpochError, StoreError, StoreUnavailableError,
                            retry_commit)
-from swift_engine import (CapacityError, EngineError, HistoryMismatchError, InvalidRequestError, SessionBusyError,
+from swift_engine import (CapacityError, EngineDeadError, EngineError, HistoryMismatchError, InvalidRequestError, SessionBusyError,
                           SessionSnapshot, StreamingEngine, UnknownSessionError, chain_digest, generation_defaults,
                           pinned_hash, resolve_model_dir)
 
@@ -39,7 +39,7 @@ LAST_TURN = ("last_request_digest", "last_reply", "last_finish_reason", "last_pr
              "last_completion_tokens")
 _STATUS = [(InvalidRequestError, 400, "invalid_request_error"), (HistoryMismatchError, 409, "history_mismatch"),
            (SessionBusyError, 409, "session_busy"), (UnknownSessionError, 404, "not_found"),
-           (CapacityError, 503, "capacity"), (StoreUnavailableError, 503, "store_unavailable"),
+           (CapacityError, 503, "capacity"), (EngineDeadError, 503, "engine_dead"), (StoreUnavailableError, 503, "store_unavailable"),
            (StaleEpochError, 409, "session_moved"),
            (QuotaExceededError, 429, "session_quota_exceeded")]
 
@@ -211,21 +211,21 @@ class LLMServer:
         self._prune_forgotten(keep=sid)
         record, current = None, False
         if sid in self.epochs and self.unreachable:  # relaxed and the store failed lately: serve what we hold
-            if sid in self.pending and not self.engine.hold_session(sid):
+            if sid in self.pending and not await self.engine.hold_session(sid):
                 return await self._restore(sid, self.pending[sid], "forgotten")  # newer than the store's record
-            if self.engine.hold_session(sid):
+            if await self.engine.hold_session(sid):
                 return None
         if sid in self.epochs:
             try:
                 record = await self.store.get(sid)
             except StoreUnavailableError:
-                if self.engine.hold_session(sid):
+                if await self.engine.hold_session(sid):
                     if self.args.durability == "relaxed":
                         self.unreachable = True
                         self._write_through_soon()
                     return None  # keep serving resident sessions while the store is down
                 raise
-            if record is None and self.engine.hold_session(sid):
+            if record is None and await self.engine.hold_session(sid):
                 # the store lost the record (restart without persistence): our copy is the best left
                 self.epochs[sid] = (await self.store.claim(sid, self.replica_id)).epoch
                 return None
@@ -240,7 +240,7 @@ class LLMServer:
                 self.metrics.claims.inc()
         if record is not None:
             self.last_turn[sid] = record.model_dump(include=set(LAST_TURN))
-        if self.engine.hold_session(sid) or record is None or record.tokens_seen == 0:
+        if await self.engine.hold_session(sid) or record is None or record.tokens_seen == 0:
             return None
         return await self._restore(sid, record, "moved" if record.owner != self.replica_id else "forgotten")
 

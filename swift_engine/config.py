@@ -75,6 +75,10 @@ class EngineConfig(BaseModel):
         "turn rebuilds them from its retained ids), so occupancy follows live conversations; None: pages "
         "stay until page pressure evicts them")
 
+    stall_timeout_s: float = Field(
+        30.0, gt=0, description="the engine process making no progress (or saying nothing) this long with "
+        "work queued is declared dead: every waiting caller gets EngineDeadError, is_alive() turns false")
+
     @model_validator(mode="after")
     def _check(self) -> "EngineConfig":
         if self.device.startswith("cuda") is False and self.device != "cpu":

@@ -30,3 +30,8 @@ class CapacityError(EngineError):
 
 class UnsupportedModelError(EngineError, ValueError):
     """The checkpoint's architecture is not one the engine implements."""
+
+
+class EngineDeadError(EngineError):
+    """The engine process is gone or stopped making progress: this engine serves nothing more (a replica's
+    health check fails and it is replaced; the sessions continue from the store elsewhere)."""

@@ -145,6 +145,9 @@ class EngineMachine(RuleBasedStateMachine):
                               max_batch_tokens=BUDGET, max_running=max_running, max_pinned_tokens=MAX_PIN,
                               host_cache_bytes=host_pages * PAGE_BYTES, idle_cache_ttl_s=ttl)
         self.core = ObservedCore(config, tiny_model(), None)
+        for pool in (self.core.cache.k, self.core.cache.v):  # the pool is torch.empty: whatever memory held, NaN
+            pool.fill_(float("nan"))                         # at times. Made NaN always, a read of an unwritten
+                                                             # slot shows in every result that depends on it
         self.core.started = []
         self.core.runner = FailOnce(self.core.runner)
         label(f"engine: num_pages={num_pages} max_running={max_running} host_pages={host_pages} ttl={ttl}")

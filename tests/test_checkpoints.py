@@ -115,7 +115,7 @@ def test_the_cache_is_shrunk_to_the_trained_length_with_a_warning(caplog):
     with caplog.at_level(logging.WARNING):
         e = engine_on(cfg, sink_tokens=4, window_tokens=1020)
     assert (e.config.sink_tokens, e.config.window_tokens) == (4, 124)
-    assert e.core.cache.W == 124
+    assert e.inspect(lambda c: c.cache.W) == 124
     assert "max_position_embeddings 128" in caplog.text
     e.shutdown()
     with pytest.raises(UnsupportedModelError, match="sink_tokens"):

@@ -6,6 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from benchmarks.engine_lock_wait import slow_steps
+from tests.engine_faults import fail_next_step
 from swift_engine import (CapacityError, EngineConfig, EngineError, HistoryMismatchError, InvalidRequestError,
                           SamplingParams, SessionBusyError, StreamingEngine, UnknownSessionError)
 from swift_engine.tokenizer import IncrementalDetokenizer
@@ -77,12 +78,13 @@ async def test_lru_eviction_when_pool_full():
 
 async def test_pages_bounded_in_a_long_session():
     e = make(window_tokens=60, max_batch_tokens=512)
-    steady = e.core.cache.steady_pages
+    steady = e.inspect(lambda core: core.cache.steady_pages)
+    pages = lambda core: core.sessions["long"].table.pages  # noqa: E731
     for i in range(100):
         await e.score("long", prompt(500, i))
-        assert e.core.sessions["long"].table.pages <= steady
+        assert e.inspect(pages) <= steady
     assert e.snapshot("long").tokens_seen == 50_000
-    assert e.stats().pages_used == e.core.sessions["long"].table.pages
+    assert e.stats().pages_used == e.inspect(pages)
     e.shutdown()
 
 
@@ -212,13 +214,7 @@ async def test_a_failing_step_fails_its_requests_not_the_engine():
     await run(e, "clean", **turn1)
     expected = ids_of(await run(e, "clean", **turn2))
     await run(e, "faulty", **turn1)
-    real_run = e.core.runner.run
-
-    def broken(*args, **kw):
-        e.core.runner.run = real_run
-        raise RuntimeError("injected device fault")
-
-    e.core.runner.run = broken
+    e.inspect(fail_next_step)
     with pytest.raises(EngineError, match="injected device fault"):
         await run(e, "faulty", **turn2)
     # the session reprefills from its retained ids and continues exactly
@@ -264,4 +260,5 @@ async def test_calls_after_shutdown_fail_at_once():
     assert not e.is_alive()
     with pytest.raises(CapacityError, match="shut down"):
         await asyncio.wait_for(run(e, "s", prompt_token_ids=[1, 2]), 10)
-    assert e.drop("nobody") is False
+    with pytest.raises(CapacityError, match="shut down"):
+        e.drop("nobody")

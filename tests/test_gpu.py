@@ -229,12 +229,12 @@ def test_engine_uses_triton_and_graphs():
                        num_pages=256, max_batch_tokens=128)
     eng = StreamingEngine.random(BASE, cfg)
     try:
-        assert eng.core.runner.backend == "triton"
+        assert eng.inspect(lambda c: c.runner.backend) == "triton"
         outs = [eng.generate_sync(f"s{i}", prompt_token_ids=list(range(1, 200 + i)),
                                   sampling=dict(max_tokens=40, ignore_eos=True)) for i in range(2)]
         for events in outs:
             assert sum(1 for e in events if e.token_id is not None) == 40
-        assert eng.core.runner.gpu.stats["graph_steps"] > 0
+        assert eng.inspect(lambda c: c.runner.gpu.stats["graph_steps"]) > 0
     finally:
         eng.shutdown()
 
@@ -248,12 +248,12 @@ def test_engine_with_fp8_cache_runs_triton_graphs_and_holds_more_pages():
     for kv in ("auto", "fp8"):
         eng = StreamingEngine.random(BASE, EngineConfig(**cfg, kv_cache_dtype=kv))
         try:
-            assert eng.core.runner.backend == "triton"
+            assert eng.inspect(lambda c: c.runner.backend) == "triton"
             events = eng.generate_sync("s", prompt_token_ids=list(range(1, 300)),
                                        sampling=dict(max_tokens=40, ignore_eos=True))
             assert sum(1 for e in events if e.token_id is not None) == 40
-            assert eng.core.runner.gpu.stats["graph_steps"] > 0
-            pages[kv] = eng.core.cache.num_pages
+            assert eng.inspect(lambda c: c.runner.gpu.stats["graph_steps"]) > 0
+            pages[kv] = eng.inspect(lambda c: c.cache.num_pages)
         finally:
             eng.shutdown()
     assert pages["fp8"] / pages["auto"] >= 1.8  # head_dim 64: 2 x (64 + 4) bytes against 2 x 64 x 2

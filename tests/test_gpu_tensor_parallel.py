@@ -21,7 +21,7 @@ def checkpoint(tmp_path_factory):
 def run(checkpoint, tp: int, dtype: str) -> dict:
     e = engine(checkpoint, tp, device="cuda", dtype=dtype, attention_backend="triton", page_size=16)
     try:
-        assert e.core.runner.device.type == "cuda"
+        assert e.inspect(lambda c: c.runner.device.type) == "cuda"
         return asyncio.run(scenario(e))
     finally:
         e.shutdown()

@@ -1,13 +1,13 @@
 """Host tier on the CPU (a second memory pool): sessions move resident -> host -> ids only under page
 pressure, come back from the host tier bit-identical without a re-prefill, and every tier is counted."""
 import asyncio
-import threading
 
 import pytest
 from pydantic import ValidationError
 
 from swift_engine import EngineConfig, EngineError, SamplingParams, StreamingEngine
 from swift_engine.models.tiny import TINY_CONFIG
+from tests.engine_faults import fail_next_step, hold_then_step
 
 # tiny model, page_size 8: one page of k and v over 2 layers, 2 KV heads of 16 float32 = 4 KiB
 PAGE_BYTES = 2 * TINY_CONFIG["num_hidden_layers"] * 8 * TINY_CONFIG["num_key_value_heads"] * 16 * 4
@@ -92,23 +92,11 @@ async def test_a_failed_step_sends_a_queued_host_tier_session_back_to_its_ids():
     for sid in ["s", "a", "b"]:
         await turn(e, sid, seed=len(sid))
     assert e.stats().sessions_host >= 1 and "s" not in e.resident_sessions()
-    real_run = e.core.runner.run
-
-    def broken(*args, **kw):
-        e.core.runner.run = real_run
-        raise RuntimeError("injected device fault")
-
-    e.core.runner.run = broken  # fails "a"'s step while the turn of "s" waits (max_running 1)
-    held, release = threading.Event(), threading.Event()
-    e._call(lambda: (held.set(), release.wait()))  # both submissions reach one drain: "s" is surely queued
-    assert held.wait(10)
-    both = asyncio.gather(turn(e, "a", n=3), turn(e, "s", n=3), return_exceptions=True)
-    while e._inbox.qsize() < 2:
-        await asyncio.sleep(0.01)
-    release.set()
-    results = await both
+    e.inspect(fail_next_step)  # fails "a"'s step while the turn of "s" waits (max_running 1)
+    e.inspect(hold_then_step, 1.0, wait=False)  # both submissions reach one drain: "s" is surely queued
+    results = await asyncio.gather(turn(e, "a", n=3), turn(e, "s", n=3), return_exceptions=True)
     assert all(isinstance(r, EngineError) for r in results)
-    assert not e.core.host.holds("s")  # one way back after a failure: its retained ids
+    assert not e.inspect(lambda c: c.host.holds("s"))  # one way back after a failure: its retained ids
     before = e.stats()
     assert len(await turn(e, "s", n=3)) == GREEDY.max_tokens
     assert (e.stats().reprefills - before.reprefills, e.stats().reloads - before.reloads) == (1, 0)
@@ -141,9 +129,9 @@ async def test_pinned_sessions_through_the_host_tier_keep_shared_pages_counted()
     for sid in ("p2", "p1"):
         assert await _pinned_turn(tiered, sid, seed=7) == await _pinned_turn(alone, sid, seed=7)
     assert tiered.stats().reprefills == 0 and tiered.snapshot("p1") == alone.snapshot("p1")
-    for sid in list(tiered.core.sessions):
+    for sid in tiered.inspect(lambda c: list(c.sessions)):
         tiered.drop(sid)
-    cache = tiered.core.cache
-    tiered.core.host.wait()
-    assert sorted(cache.free) == list(range(cache.num_pages)) and not cache.pinned.regions
+    free, total, regions = tiered.inspect(lambda c: (c.host.wait(), sorted(c.cache.free), c.cache.num_pages,
+                                                     len(c.cache.pinned.regions))[1:])
+    assert free == list(range(total)) and not regions
     tiered.shutdown(), alone.shutdown()

@@ -84,13 +84,13 @@ async def test_engine_serves_from_an_fp8_cache_within_its_memory():
     engine = StreamingEngine(EngineConfig(model="tiny", sink_tokens=4, window_tokens=48, page_size=8,
                                           kv_cache_memory_gb=gb, kv_cache_dtype="fp8"), progress=False)
     try:
-        c = engine.core.cache
-        held = sum(t.numel() * t.element_size() for t in (c.k, c.v, c.k_scale, c.v_scale))
-        assert c.k.dtype == FP8 and gb * 2**30 * 0.99 < held <= gb * 2**30
+        dtype, held = engine.inspect(lambda c: (c.cache.k.dtype, sum(
+            t.numel() * t.element_size() for t in (c.cache.k, c.cache.v, c.cache.k_scale, c.cache.v_scale))))
+        assert dtype == FP8 and gb * 2**30 * 0.99 < held <= gb * 2**30
         events = [e async for e in engine.generate("s", prompt_token_ids=list(range(1, 80)),
                                                    sampling=SamplingParams(max_tokens=40, ignore_eos=True))]
         assert sum(e.token_id is not None for e in events) == 40
-        assert engine.core.sessions["s"].table.tokens == 4 + 48  # evicted through the fp8 pages
+        assert engine.inspect(lambda c: c.sessions["s"].table.tokens) == 4 + 48  # evicted through the fp8 pages
     finally:
         engine.shutdown()
 

@@ -24,7 +24,7 @@ def ids(n: int, seed: int) -> list[int]:
 
 def reference_lp(engine: StreamingEngine, context: list[int], nxt: list[int], sinks: int) -> list[float]:
     """log p(nxt[j] | ...) of the reference streaming context + nxt with `sinks` sink tokens and W."""
-    logits = reference_logits(engine.core.model, context + nxt, sinks, W)
+    logits = reference_logits(engine.inspect(lambda c: c.model), context + nxt, sinks, W)
     lp = torch.log_softmax(logits[len(context) - 1:-1], dim=-1)
     return lp[torch.arange(len(nxt)), torch.tensor(nxt)].tolist()
 
@@ -34,7 +34,7 @@ def close(a: list[float], b: list[float]) -> bool:
 
 
 def pages_used(engine: StreamingEngine) -> int:
-    return engine.core.cache.num_pages - len(engine.core.cache.free)
+    return engine.inspect(lambda c: c.cache.num_pages - len(c.cache.free))
 
 
 SYSTEM = ids(P, 7)
@@ -50,7 +50,7 @@ def test_pinned_stream_equals_the_reference_with_P_sinks():
     # a second session attaches to the resident copy (no prefill of it) and still equals the reference
     events = e.generate_sync("b", prompt_token_ids=SYSTEM + ids(5, 2), sampling=GREEDY, pinned_tokens=P)
     seen = SYSTEM + ids(5, 2) + [ev.token_id for ev in events]
-    assert e.core.cache.pinned.pages_saved() == ceil_div(P, PAGE)
+    assert e.inspect(lambda c: c.cache.pinned.pages_saved()) == ceil_div(P, PAGE)
     nxt = ids(30, 3)
     assert close(e.score_sync("b", nxt), reference_lp(e, seen, nxt, P))
     e.shutdown()
@@ -63,7 +63,7 @@ def test_restore_rebuilds_the_same_layout_on_the_shared_pages():
     b.score_sync("other", SYSTEM + ids(3, 5), pinned_tokens=P)  # b already holds the region
     b.restore_sync("s", snap)
     assert b.snapshot("s") == snap
-    assert b.core.cache.pinned.pages_saved() == ceil_div(P, PAGE)
+    assert b.inspect(lambda c: c.cache.pinned.pages_saved()) == ceil_div(P, PAGE)
     nxt = ids(20, 6)
     assert close(b.score_sync("s", nxt), reference_lp(b, snap.sink_ids + snap.tail_ids, nxt, P))
     a.shutdown(), b.shutdown()
@@ -74,20 +74,20 @@ def test_shared_pages_are_counted_once_and_freed_by_the_last_session():
     region = ceil_div(P, PAGE)
     for i in range(3):
         e.generate_sync(f"s{i}", prompt_token_ids=SYSTEM + ids(W, i), sampling=GREEDY, pinned_tokens=P)
-    window = sum(e.core.sessions[f"s{i}"].table.pages - region for i in range(3))
+    window = sum(e.inspect(lambda c: c.sessions[f"s{i}"].table.pages) - region for i in range(3))
     assert pages_used(e) == region + window  # one copy of the pinned pages
-    assert e.core.reprefills == 0 and e.core.cache.pinned.pages_saved() == 2 * region
+    assert e.inspect(lambda c: c.reprefills) == 0 and e.inspect(lambda c: c.cache.pinned.pages_saved()) == 2 * region
 
-    e._on_engine(lambda: e.core.scheduler.evict_session(e.core.sessions["s0"]))
+    e.inspect(lambda c: c.scheduler.evict_session(c.sessions["s0"]))
     assert e.drop("s1")
-    assert list(e.core.cache.pinned.regions.values())[0].tables == 1 and pages_used(e) > region
+    assert e.inspect(lambda c: list(c.cache.pinned.regions.values()))[0].tables == 1 and pages_used(e) > region
     # the evicted session comes back onto the still-resident copy, exactly
     seen = e.snapshot("s0")
     nxt = ids(8, 9)
     assert close(e.score_sync("s0", nxt), reference_lp(e, seen.sink_ids + seen.tail_ids, nxt, P))
-    assert list(e.core.cache.pinned.regions.values())[0].tables == 2
+    assert e.inspect(lambda c: list(c.cache.pinned.regions.values()))[0].tables == 2
     assert e.drop("s0") and e.drop("s2")
-    assert not e.core.cache.pinned.regions and pages_used(e) == 0
+    assert not e.inspect(lambda c: dict(c.cache.pinned.regions)) and pages_used(e) == 0
     e.shutdown()
 
 
@@ -96,7 +96,7 @@ def test_system_prompt_is_the_pinned_region():
     system = {"role": "system", "content": "Answer like a pirate."}
     msgs = [system, {"role": "user", "content": "hi"}]
     e.generate_sync("chat", messages=msgs, sampling=GREEDY, pin="system")
-    tok = e.core.tokenizer
+    tok = e.tokenizer
     head = tok.encode(tok.hf.apply_chat_template([system], tokenize=False))
     snap = e.snapshot("chat")
     assert snap.pinned_tokens == len(head) > S and snap.sink_ids == head  # BOS + the rendered system message

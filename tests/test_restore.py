@@ -1,5 +1,6 @@
 """Restore is exact for any S and W, a snapshot is re-split to another layout or refused, and
 idle sessions are bounded by count and age."""
+import asyncio
 import time
 
 import pytest
@@ -21,7 +22,7 @@ def ids(n: int, seed: int) -> list[int]:
 def reference_next(engine: StreamingEngine, retained: list[int], nxt: list[int]) -> list[float]:
     """log p(nxt[j] | ...) of the StreamingLLM reference streaming retained + nxt with the engine's S, W."""
     cfg = engine.config
-    logits = reference_logits(engine.core.model, retained + nxt, cfg.sink_tokens, cfg.window_tokens)
+    logits = reference_logits(engine.inspect(lambda c: c.model), retained + nxt, cfg.sink_tokens, cfg.window_tokens)
     lp = torch.log_softmax(logits[len(retained) - 1:-1], dim=-1)
     return lp[torch.arange(len(nxt)), torch.tensor(nxt)].tolist()
 
@@ -90,9 +91,9 @@ def test_idle_sessions_are_bounded_by_count_least_recently_used_first():
     st = e.stats()
     assert st.sessions_known <= 5 + st.sessions_resident + 1  # + the one being submitted
     assert st.sessions_resident >= 1
-    known = set(e.core.sessions)
+    known = set(e.inspect(lambda c: list(c.sessions)))
     assert {"s59", "s58", "s57"} <= known and "s0" not in known  # the most recent stay
-    assert e.core.idle.forgotten >= 50
+    assert e.inspect(lambda c: c.idle.forgotten) >= 50
     e.score_sync("s0", ids(5, 0))  # a forgotten session starts afresh here; the server rebuilds it first
     assert e.snapshot("s0").tokens_seen == 5
     e.shutdown()
@@ -102,26 +103,29 @@ def test_idle_sessions_are_bounded_by_age():
     e = make(4, 48, num_pages=30, max_batch_tokens=64, idle_session_ttl_s=0.2)
     for i in range(4):
         e.score_sync(f"s{i}", ids(40, i))
-    idle_before = [sid for sid, s in e.core.sessions.items() if not s.table.pages]
+    idle_before = e.inspect(lambda c: [sid for sid, s in c.sessions.items() if not s.table.pages])
     assert idle_before
     time.sleep(1.1)
     e.score_sync("late", ids(5, 9))
-    assert not set(idle_before) & set(e.core.sessions)
+    assert not set(idle_before) & set(e.inspect(lambda c: list(c.sessions)))
     e.shutdown()
 
 
-def test_a_session_a_caller_was_told_is_known_is_held_for_its_turn(monkeypatch):
-    """The server decides "no restore" when the engine holds the session: it must not be forgotten
-    between that answer and its turn reaching the engine thread."""
-    import swift_engine.engine.idle as idle
+def short_hold(core, seconds: float) -> None:
+    import swift_engine.engine.idle as idle  # in the engine process
+    idle.HOLD_S = seconds
 
-    monkeypatch.setattr(idle, "HOLD_S", 1.5)
+
+def test_a_session_a_caller_was_told_is_known_is_held_for_its_turn():
+    """The server decides "no restore" when the engine holds the session: it must not be forgotten
+    between that answer and its turn reaching the engine."""
     e = make(4, 48, num_pages=30, max_batch_tokens=64, max_idle_sessions=0)
+    e.inspect(short_hold, 1.5)
     e.score_sync("held", ids(40, 1))
     for i in range(3):  # push "held" out of the page pool: it is idle now
         e.score_sync(f"o{i}", ids(40, i + 2))
-    assert not e.core.sessions["held"].table.pages
-    assert e.hold_session("held") and not e.hold_session("nobody")
+    assert not e.inspect(lambda c: c.sessions["held"].table.pages)
+    assert asyncio.run(e.hold_session("held")) and not asyncio.run(e.hold_session("nobody"))
     e.score_sync("other", ids(5, 9))  # would forget every idle session but the held one
     assert e.has_session("held")
     time.sleep(1.6)

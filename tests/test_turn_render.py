@@ -1,4 +1,4 @@
-"""A chat turn is rendered (history check, template, tokens) on the caller's thread, not the engine thread
+"""A chat turn is rendered (history check, template, tokens) in the front end, not the engine process
 where every session's step waits; a render made against a session state that has since changed is never
 used (engine/turn_render.py)."""
 import threading
@@ -35,21 +35,21 @@ async def test_turns_are_rendered_off_the_engine_thread(engine, monkeypatch):
     monkeypatch.setattr(tok, "render_messages", recording)
     reply = await chat(engine, "s", [U1])
     await chat(engine, "s", [U1, reply, U2])
-    assert len(threads) == 2 and engine._thread not in threads
+    assert len(threads) == 2  # both turns rendered here, in the front end: not in the engine process
     assert engine.snapshot("s").messages_consumed == 4
 
 
 async def test_a_render_for_an_older_state_of_the_session_is_not_used(engine):
-    stale = engine.core.prerender("s", [U1], "none")  # rendered as the session's first turn
+    stale = engine._prerender("s", [U1], "none")  # rendered as the session's first turn
     assert stale is not None and stale.state.first_turn
     await chat(engine, "s", [U1])  # meanwhile its first turn ran: the same messages no longer extend it
-    req = Request("r", "s", "generate", [], emit=lambda ev: None, sampling=FOUR)
+    req = Request("r", "s", "generate", [], emit=None, sampling=FOUR)
     with pytest.raises(HistoryMismatchError):
-        engine._call(lambda: engine.core.submit(req, [U1], stale)).result(10)
+        engine._client.call("submit", req, [U1], stale).result(10)
 
 
 async def test_errors_are_raised_as_before_when_the_caller_cannot_render(engine):
-    assert engine.core.prerender("s", [{"role": "user"}], "none") is None  # no content: submit says why
+    assert engine._prerender("s", [{"role": "user"}], "none") is None  # no content: submit says why
     with pytest.raises(Exception, match="content"):
         await chat(engine, "s", [{"role": "user"}])
     reply = await chat(engine, "s", [U1])

@@ -1,154 +1,103 @@
-"""StreamingEngine: the public API. A background thread steps the core; callers await events.
+"""StreamingEngine: the public API. The engine core runs in its own process; callers await its events.
 
-No lock is held across a step: calls that change the engine (submit, abort, drop,
-shutdown) go into a thread-safe inbox that the engine thread drains between steps;
-after each step it publishes an immutable view (stats, resident sessions) that
-readers take without waiting, and only then hands the step's events to their
-callers, so a caller that saw an event sees figures at least as new.
+The front end (this object, in the caller's process) renders chat turns, sends requests and
+aborts to the engine process (engine/core_process.py) and streams back each step's events;
+it keeps what the engine last reported (the published view, idle sessions' snapshots) so
+that stats, routing reads and snapshots of idle sessions never wait for a step. A dead or
+stuck engine process turns into EngineDeadError for every waiting caller (core_client.py).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
-import threading
-import time
+import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import Future
 
+import cloudpickle
 from pydantic import ValidationError
 
 from ..config import EngineConfig
-from ..errors import CapacityError, EngineError, InvalidRequestError, SessionBusyError
-from ..models.loader import load_engine_model, resolve_model_dir
-from ..models.random_init import random_model
+from ..errors import CapacityError, EngineDeadError, EngineError, InvalidRequestError, SessionBusyError
+from ..models.families import ModelArgs
+from ..models.loader import read_config, resolve_model_dir
+from ..models.tensor_parallel import check_tensor_parallel
 from ..outputs import GenerationEvent, SessionSnapshot
 from ..sampling import SamplingParams
 from ..tokenizer import ChatTokenizer
-from .core import EngineCore
-from .idle_cache import CHECK_EVERY_S
+from .core_client import CoreClient
+from .protocol import CoreSpec, ModelSource, StepOutput
 from .request import Request
-from .stats import EngineStats, EngineView, view_of
-from .tp_worker import StartWorkers, start_rank0
-
-logger = logging.getLogger(__name__)
+from .stats import EngineStats
+from .tp_group import free_address
+from .tp_worker import StartWorkers, spawn_workers
+from .turn_render import RenderedTurn, TurnState, render_turn
 
 
 class StreamingEngine:
     def __init__(self, config: EngineConfig, model=None, tokenizer: ChatTokenizer | None = None,
                  progress: bool = True, start_workers: StartWorkers | None = None):
-        """tensor_parallel_size > 1: ranks 1..N-1 start through `start_workers` (default: local
-        processes, tp_worker.spawn_workers); this process is rank 0."""
-        if model is not None and config.tensor_parallel_size > 1:
+        """`model`: None (load config.model in the engine process), a CausalLM (shared with it), or a
+        ModelSource. tensor_parallel_size > 1: ranks 1..N-1 start through `start_workers` (default:
+        local processes, tp_worker.spawn_workers); the engine process is rank 0."""
+        source = model if isinstance(model, ModelSource) else ModelSource(model=model)
+        if source.model is not None and config.tensor_parallel_size > 1:
             raise InvalidRequestError("tensor_parallel_size: a tensor-parallel engine loads its model on every "
                                       "rank itself (pass model=None)")
-        self.tp_group = start_rank0(config, start_workers) if config.tensor_parallel_size > 1 else None
+        workers, address = self._start_ranks(config, start_workers)
+        own = source.model is None and source.random_hf_config is None  # the engine loads model and tokenizer
         try:
-            if model is None:
-                model = load_engine_model(config, progress, self.tp_group)
-                tokenizer = ChatTokenizer(resolve_model_dir(config.model))
-            self.core = EngineCore(config, model, tokenizer)
-        except BaseException:  # the other ranks are waiting for steps: tell them to stop
-            if self.tp_group is not None:
-                self.tp_group.close()
+            self._client = CoreClient(
+                lambda inputs, outputs: CoreSpec(config, source, None if own else tokenizer, progress, inputs,
+                                                 outputs, os.getpid(), address),
+                config.stall_timeout_s, workers)
+        except BaseException:
+            if workers is not None:
+                workers.stop(wait_s=0)
             raise
-        self.config = self.core.config  # S + W fitted to the model
-        self.tokenizer = tokenizer
-        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        # the step's events as (loop, queue, event), handed over after publishing
-        self._outbox: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, GenerationEvent]] = []
-        self._closed = False
-        self._stopped = False  # the loop has ended: calls run on the caller's thread
-        self._stop_lock = threading.Lock()  # held only to queue a call or to end the loop, never across a step
-        self._view: EngineView = view_of(self.core)
-        self._thread = threading.Thread(target=self._loop, name="swift-engine", daemon=True)
-        self._thread.start()
+        ready = self._client.ready
+        for warning in ready.warnings:
+            logging.getLogger("swift_engine.engine.cache_fit").warning(warning)
+        self.config = ready.config  # S + W fitted to the model
+        self.vocab_size = ready.vocab_size
+        self.tokenizer = ChatTokenizer(resolve_model_dir(config.model)) if own else tokenizer
+        self._view = ready.view
+        self._idle: dict[str, SessionSnapshot] = {}  # sessions as they were when their last request ended
+        self._busy: dict[str, int] = {}  # sessions with a request in flight from here
+        self._client.on_step = self._on_step
+
+    @staticmethod
+    def _start_ranks(config: EngineConfig, start_workers: StartWorkers | None):
+        if config.tensor_parallel_size == 1:
+            return None, None
+        check_tensor_parallel(ModelArgs.from_hf_config(read_config(resolve_model_dir(config.model))),
+                              config.tensor_parallel_size)  # before any rank starts
+        address = free_address()
+        return (start_workers or spawn_workers)(config, address), address
 
     @classmethod
     def random(cls, hf_config: dict, config: EngineConfig, tokenizer: ChatTokenizer | None = None,
                seed: int = 0) -> "StreamingEngine":
-        """An engine over random weights for the given HF config (tests, benchmarks)."""
-        model = random_model(hf_config, config.device, config.torch_dtype, seed)
-        return cls(config, model=model, tokenizer=tokenizer)
+        """An engine over random weights for the given HF config (tests, benchmarks), built in its process."""
+        return cls(config, model=ModelSource(random_hf_config=hf_config, random_seed=seed), tokenizer=tokenizer)
 
-    # ---- the loop (engine thread) ---------------------------------------
-    def _loop(self) -> None:
-        try:
-            while not (self._closed and not self.core.has_work()):
-                self._drain(wait=not self.core.has_work())
-                self.core.age_caches()
-                if self.core.has_work():
-                    try:
-                        self.core.step()
-                    except Exception as exc:  # keep serving: fail this step's requests, not the engine
-                        logger.exception("engine step failed")
-                        self.core.fail_all(f"engine step failed: {type(exc).__name__}: {exc}")
-                self._publish()
-        finally:  # calls queued from now on run on their caller's thread
-            with self._stop_lock:
-                self._drain(wait=False)
-                self._stopped = True
+    def _on_step(self, out: StepOutput) -> None:  # the client's reader thread, once per step
+        self._view = out.view
+        self._idle.update(out.ended)
+        for sid in out.forgotten:
+            self._idle.pop(sid, None)
 
-    def _drain(self, wait: bool) -> None:
-        """Run the queued calls in order; with `wait`, block until there is one or a second passed (idle
-        caches age and the published view with them, work or not)."""
-        try:
-            call = self._inbox.get(timeout=CHECK_EVERY_S) if wait else self._inbox.get_nowait()
-            while True:
-                call()
-                call = self._inbox.get_nowait()
-        except queue.Empty:
-            pass
-
-    def _publish(self) -> None:
-        self._view = view_of(self.core)  # one reference swap: readers never wait
-        events, self._outbox = self._outbox, []
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for loop, queue_, event in events:
-            by_loop.setdefault(loop, []).append((queue_, event))
-        for loop, batch in by_loop.items():  # one wake-up per loop per step, not one per token
-            try:
-                loop.call_soon_threadsafe(_deliver, batch)
-            except RuntimeError:  # that caller's loop is closed: its requests end, no one else notices
-                for _, event in batch:
-                    self.core.abort(event.request_id)
-
-    def _call(self, fn: Callable[[], object]) -> Future:
-        """Run fn on the engine thread between steps; its result or exception lands in the future."""
-        fut: Future = Future()
-
-        def run() -> None:
-            if not fut.set_running_or_notify_cancel():
-                return  # the caller went away before the call ran (a cancelled submit): nothing to do
-            try:
-                fut.set_result(fn())
-            except Exception as exc:
-                fut.set_exception(exc)
-        with self._stop_lock:
-            if self._stopped:
-                run()
-            else:
-                self._inbox.put(run)
-        return fut
-
+    # ---- life -------------------------------------------------------------------
     def shutdown(self, abort: bool = True) -> None:
-        """Stop accepting work; abort (or finish) running requests; join the loop."""
-        def close() -> None:
-            self._closed = True
-            if abort:
-                self.core.abort()
-        if self._thread.is_alive():
-            self._call(close)
-            self._thread.join()
-        if self.tp_group is not None:
-            self.tp_group.close()
+        """Stop accepting work; abort (or finish) running requests; end the engine process."""
+        self._client.close(abort)
 
     def is_alive(self) -> bool:
-        """Whether the engine thread (and, tensor-parallel, every rank) is running (health checks)."""
-        return self._thread.is_alive() and (self.tp_group is None or self.tp_group.alive())
+        """Whether the engine process (and, tensor-parallel, every rank) is running (health checks)."""
+        return self._client.alive()
 
-    # ---- requests ---------------------------------------------------------
+    # ---- requests -----------------------------------------------------------------
     async def generate(self, session_id: str, prompt_token_ids: list[int] | None = None,
                        messages: list[dict] | None = None, sampling: SamplingParams | dict | None = None,
                        request_id: str | None = None, pin: str = "none",
@@ -161,72 +110,91 @@ class StreamingEngine:
             raise InvalidRequestError(f"pin: expected 'none' or 'system', got {pin!r}")
         req = Request(request_id or uuid.uuid4().hex, session_id, "generate", list(prompt_token_ids or []),
                       emit=None, sampling=_sampling(sampling), pin=pin, pinned_tokens=pinned_tokens)
-        # the history check, template and tokens here, not on the engine thread (engine/turn_render.py)
-        rendered = self.core.prerender(session_id, messages, pin) if messages is not None else None
-        async for event in self._stream(req, lambda r: self.core.submit(r, messages, rendered)):
+        # the history check, template and tokens here, not in the engine process (engine/turn_render.py)
+        rendered = self._prerender(session_id, messages, pin) if messages is not None else None
+        async for event in self._stream(req, "submit", req, messages, rendered):
             yield event
 
     async def score(self, session_id: str, token_ids: list[int], pinned_tokens: int = 0) -> list[float | None]:
         """Log-probability of each token given the session's streaming context; appends them."""
         req = Request(uuid.uuid4().hex, session_id, "score", list(token_ids), emit=None, pinned_tokens=pinned_tokens)
-        async for event in self._stream(req, self.core.submit):
+        async for event in self._stream(req, "submit", req, None, None):
             if event.finish_reason is not None:
                 return event.logprobs
         raise CapacityError("score was cancelled")
 
     async def restore(self, session_id: str, snapshot: SessionSnapshot) -> float:
         """Rebuild a session from a snapshot (re-prefill of at most S + W ids); returns seconds."""
-        start = time.perf_counter()
+        start = asyncio.get_running_loop().time()
         req = Request(uuid.uuid4().hex, session_id, "reprefill", [], emit=None)
-        async for _ in self._stream(req, lambda r: self.core.restore(r, snapshot)):
+        async for _ in self._stream(req, "restore", req, snapshot):
             pass
-        return time.perf_counter() - start
+        return asyncio.get_running_loop().time() - start
 
-    async def _stream(self, req: Request, action) -> AsyncIterator[GenerationEvent]:
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
-        req.emit = lambda ev: self._outbox.append((loop, events, ev))
+    async def _stream(self, req: Request, method: str, *args) -> AsyncIterator[GenerationEvent]:
+        events: asyncio.Queue = asyncio.Queue()
+        client, sid = self._client, req.session_id
+        client.streams[req.id] = (asyncio.get_running_loop(), events)
+        self._busy[sid] = self._busy.get(sid, 0) + 1
         finished = False
         try:
-            await asyncio.wrap_future(self._call(lambda: self._accept(req, action)))
+            await asyncio.wrap_future(client.call(method, *args))
             while not finished:
                 event = await events.get()
+                if isinstance(event, BaseException):  # the engine died (core_client.py)
+                    raise event
                 finished = event.finish_reason is not None
                 if event.finish_reason == "error":
                     raise EngineError(event.text)
                 yield event
         finally:
+            client.streams.pop(req.id, None)
+            self._busy[sid] -= 1
+            if not self._busy[sid]:
+                del self._busy[sid]
             if not finished:  # consumer went away (or the submit failed): free the request's work
-                self._call(lambda: self.core.abort(req.id))
+                try:
+                    client.abort(req.id)
+                except EngineDeadError:
+                    pass
 
-    def _accept(self, req: Request, action) -> None:
-        if self._closed:
-            raise CapacityError("engine is shut down")
-        action(req)
+    def _prerender(self, session_id: str, messages: list[dict], pin: str) -> RenderedTurn | None:
+        """A turn rendered here against the session's last reported state, or None where that fails
+        (whatever the reason): then the engine renders it itself and raises what is wrong there."""
+        if self.tokenizer is None:
+            return None
+        try:
+            return render_turn(self.tokenizer, TurnState.of_snapshot(self._idle.get(session_id)), session_id,
+                               messages, pin)
+        except Exception:  # noqa: BLE001
+            return None
 
-    # ---- sessions: answered without waiting for a step where possible ------
+    # ---- sessions: answered here where the engine's last report suffices ---------------
     def snapshot(self, session_id: str) -> SessionSnapshot:
-        """An idle session's ids at once (the engine thread leaves them alone between its turns);
-        a running session's at the end of the current step."""
-        session = self.core.sessions.get(session_id)
-        if session is not None and not session.running:
-            return self.core.snapshot(session_id)
-        return self._on_engine(lambda: self.core.snapshot(session_id))
+        """An idle session's ids at once (as its last request left them); a running session's at the end
+        of the current step."""
+        snap = self._idle.get(session_id)
+        if snap is not None and session_id not in self._busy:
+            return snap
+        return self._wait(self._client.call("snapshot", session_id))
 
     def drop(self, session_id: str) -> bool:
         """Forget a session and free its pages (at the end of the current step)."""
-        session = self.core.sessions.get(session_id)
-        if session is not None and session.running:
+        if session_id in self._busy:
             raise SessionBusyError(f"session {session_id!r} has a request running")
-        return self._on_engine(lambda: self.core.drop(session_id))
+        dropped = self._wait(self._client.call("drop", session_id))
+        self._idle.pop(session_id, None)
+        return dropped
 
     def has_session(self, session_id: str) -> bool:
-        return session_id in self.core.sessions  # one dict lookup, atomic under the GIL
+        """Whether the engine knows the session, as it last reported (or a request for it is in flight)."""
+        return session_id in self._idle or session_id in self._busy
 
-    def hold_session(self, session_id: str) -> bool:
-        """Like has_session, and a known session is then kept for its next turn: not forgotten as idle
-        (max_idle_sessions, idle_session_ttl_s) for the next 30 s. Call it to decide not to restore."""
-        return self.core.idle.hold(self.core.sessions, session_id)
+    async def hold_session(self, session_id: str) -> bool:
+        """Whether the engine knows the session; a known session is then kept for its next turn: not
+        forgotten as idle (max_idle_sessions, idle_session_ttl_s) for the next 30 s. Await it to decide
+        not to restore: the engine answers it, so no forgetting can come between."""
+        return await asyncio.wrap_future(self._client.call("hold", session_id))
 
     def resident_sessions(self) -> list[str]:
         return list(self._view.resident)
@@ -242,13 +210,18 @@ class StreamingEngine:
     def stats(self) -> EngineStats:
         return self._view.stats
 
-    def _on_engine(self, fn):
-        """fn's result, run on the engine thread between steps (directly once the thread has ended)."""
-        if not self._thread.is_alive():
-            return fn()
-        return self._call(fn).result()
+    def inspect(self, fn, *args, wait: bool = True):
+        """fn(core, *args) run in the engine process between steps, its result returned (tests and
+        benchmarks read or instrument the EngineCore with it; fn travels with cloudpickle). With
+        wait=False, a future of it."""
+        fut = self._client.call("inspect", cloudpickle.dumps(fn), args)
+        return cloudpickle.loads(self._wait(fut)) if wait else fut
 
-    # ---- synchronous convenience for scripts ------------------------------
+    @staticmethod
+    def _wait(fut: Future):
+        return fut.result()  # bounded: a dead or stuck engine settles every call (core_client.py)
+
+    # ---- synchronous convenience for scripts ------------------------------------------
     def generate_sync(self, session_id: str, **kw) -> list[GenerationEvent]:
         async def run():
             return [ev async for ev in self.generate(session_id, **kw)]
@@ -269,8 +242,3 @@ def _sampling(sampling: SamplingParams | dict | None) -> SamplingParams:
     except ValidationError as exc:
         raise InvalidRequestError(f"invalid sampling parameters: {exc.errors()[0]['loc'][0]}: "
                                   f"{exc.errors()[0]['msg']}") from exc
-
-
-def _deliver(batch: list[tuple[asyncio.Queue, GenerationEvent]]) -> None:
-    for queue_, event in batch:
-        queue_.put_nowait(event)

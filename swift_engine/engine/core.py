@@ -75,7 +75,7 @@ class EngineCore:
     def submit(self, req: Request, messages: list[dict] | None = None,
                rendered: RenderedTurn | None = None) -> None:
         """Validate and queue. Raises typed errors; on error nothing changes. `rendered`: the turn's
-        `messages` as `prerender` gave them on the caller's thread (used if the session is as it was then)."""
+        `messages` as the front end rendered them (used if the session is as it was then)."""
         ids_only = len(self.sessions) - len(self.with_pages()) - len(self.host.entries)
         self.idle.trim(self.sessions, ids_only, keep=req.session_id, in_host=self.host.holds)
         session = self.sessions.get(req.session_id)
@@ -105,18 +105,6 @@ class EngineCore:
             known.move_to_end(req.session_id)
         session.running = True
         self.scheduler.add(req)
-
-    def prerender(self, session_id: str, messages: list[dict], pin: str) -> RenderedTurn | None:
-        """A turn's messages rendered on the caller's thread (engine/turn_render.py), or None where that
-        fails (whatever the reason): then `submit` renders them on the engine thread and raises what is
-        wrong there, as it would have without this."""
-        if self.tokenizer is None:
-            return None
-        try:  # one read of the session's state (another thread's turn may be ending: submit checks it)
-            return render_turn(self.tokenizer, TurnState.of(self.sessions.get(session_id)), session_id,
-                               messages, pin)
-        except Exception:
-            return None
 
     def _pinned_length(self, session: Session, req: Request, rendered: RenderedTurn | None) -> int:
         """P of a new session's pinned region (0: none, the S sinks as usual): BOS + its system prompt
@@ -209,13 +197,17 @@ class EngineCore:
         if not self.has_work():  # idle: pages whose copy to the host tier finished are free now, not
             self.host.poll()     # at the next step (the router and metrics read the free count)
 
-    def step(self) -> None:
-        """One engine step: schedule -> run the model -> postprocess (account, sample, emit)."""
+    def step(self) -> bool:
+        """One engine step: schedule -> run the model -> postprocess (account, sample, emit). True if it
+        made progress: ran a batch, ended a request or waited for host-tier copies (the watchdog's measure)."""
+        finished = self.scheduler.finished
         batch = self._schedule()
         if batch:
             self._postprocess(batch, self._run(batch))
         elif self.host.busy():  # all that can run waits for host-tier copies: wait for them, not spin
             self.host.wait()
+            return True
+        return bool(batch) or self.scheduler.finished != finished
 
     def _schedule(self) -> list[tuple[Request, int]]:
         self.host.poll()

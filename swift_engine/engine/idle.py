@@ -22,6 +22,7 @@ class IdleBound:
         self.max_idle, self.ttl = max_idle_sessions, idle_session_ttl_s
         self.checked_at = time.monotonic()
         self.forgotten = 0
+        self.gone: list[str] = []  # forgotten since the engine process last told its front end
         # short, never across a step: a caller's "known? then hold" and the engine thread's trim exclude
         # each other, so a session is never forgotten between a caller seeing it and its turn arriving
         self.lock = threading.Lock()
@@ -57,3 +58,4 @@ class IdleBound:
             for sid in gone:
                 del sessions[sid]
             self.forgotten += len(gone)
+            self.gone += gone

@@ -31,6 +31,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.evictions = 0
+        self.finished = 0  # requests ended, for any reason
 
     def can_ever_fit(self) -> bool:
         return self.reserve <= self.cache.num_pages
@@ -67,6 +68,7 @@ class Scheduler:
         if req in self.running:
             self.running.remove(req)
         session.admitted = False
+        self.finished += 1
 
     def admit(self, sessions: "OrderedDict[str, Session]") -> list[Request]:
         """Move waiting requests to running while pages (after LRU eviction) allow. `sessions`: those

@@ -1,16 +1,17 @@
 """A chat turn's prompt: the new messages checked against the session's history and rendered to ids.
 
 Rendering (the history check hashes every consumed message; the chat template; tokenization) costs
-what the conversation's history does, and the engine thread is where every session's step waits.
-So StreamingEngine renders a turn on the caller's thread, against the session's state as it read it
-(`TurnState`); the engine thread only checks that state is still the session's (it changes only when
-one of the session's turns ends) and renders again itself in the rare case it is not.
+what the conversation's history does, and the engine process is where every session's step waits.
+So StreamingEngine renders a turn in the front end, against the session's state as the engine last
+reported it (`TurnState`, from the snapshot sent when the session's last request ended); the engine
+only checks that state is still the session's and renders again itself in the rare case it is not.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from ..errors import HistoryMismatchError
+from ..outputs import SessionSnapshot
 from ..tokenizer import ChatTokenizer
 from .session import Session, chain_digest
 
@@ -28,6 +29,13 @@ class TurnState:
         if session is None:  # a new session
             return cls(0, "", True, False)
         return cls(session.messages_consumed, session.messages_digest, session.tokens_seen == 0, session.open_turn)
+
+    @classmethod
+    def of_snapshot(cls, snap: SessionSnapshot | None) -> "TurnState":
+        """The same, read from a session's snapshot (the front end's copy of an idle session)."""
+        if snap is None:
+            return cls.of(None)
+        return cls(snap.messages_consumed, snap.messages_digest, snap.tokens_seen == 0, snap.open_turn)
 
 
 @dataclass(frozen=True)

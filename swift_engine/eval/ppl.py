@@ -206,7 +206,7 @@ def score_streaming(model, ids: list[int], sinks: int, window: int, chunk: int, 
     dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[model.lm_head.weight.dtype]
     cfg = EngineConfig(model="in-memory", sink_tokens=sinks, window_tokens=window, page_size=page, num_pages=pages,
                        max_batch_tokens=max(chunk, 16), max_prompt_tokens=max(chunk, pinned, 16), device=device,
-                       dtype=dtype, kv_cache_dtype=kv_cache_dtype, max_pinned_tokens=pinned)
+                       dtype=dtype, kv_cache_dtype=kv_cache_dtype, max_pinned_tokens=max(pinned, sinks))
     engine = StreamingEngine(cfg, model=model, tokenizer=None)
     out: list[float] = []
     bar = tqdm(total=len(ids), desc=label or f"streaming {sinks}+{window}", unit="tok", disable=not progress,
