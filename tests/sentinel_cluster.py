@@ -129,7 +129,7 @@ class SentinelCluster:
             self.start_data(node, primary.port)
         for s in self.sentinels:
             self.start_sentinel(s, primary.port)
-        self.wait_stable(primary)
+        self.wait_stable()
 
     def start_data(self, node: Node, replica_of: int | None) -> None:
         args = ["--port", str(node.port), "--bind", "127.0.0.1", "--dir", str(node.dir), "--save", "",
@@ -175,27 +175,30 @@ class SentinelCluster:
         role = fields.get("role", "?")
         return f"{role}:{fields.get('master_link_status', '?')}" if role == "slave" else role
 
-    def wait_stable(self, primary: Node, timeout_s: float = 30.0) -> None:
-        """Until every Sentinel names ``primary``, sees the others, and every live data node replicates it."""
+    def wait_stable(self, timeout_s: float = 30.0) -> Node:
+        """Until every Sentinel names one primary and sees the others, and every other live data node
+        replicates it; returns that primary. (Which one is the Sentinels' call: on a loaded machine they
+        may fail over again, spuriously, while this waits.)"""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self._stable(primary):
-                return
+            if (primary := self._stable()) is not None:
+                return primary
             time.sleep(0.1)
         states = {n.name: (self.role(n) if n.alive else "dead") for n in self.data}
-        raise RuntimeError(f"sentinel deployment not stable on {primary.name}: {states}")
+        raise RuntimeError(f"sentinel deployment not stable: {states}")
 
-    def _stable(self, primary: Node) -> bool:
+    def _stable(self) -> Node | None:
         try:
-            if any(self.master_port(s) != primary.port for s in self.sentinels):
-                return False
-            if any(self._other_sentinels(s) < len(self.sentinels) - 1 for s in self.sentinels):
-                return False
+            ports = {self.master_port(s) for s in self.sentinels}
+            primary = next((n for n in self.data if {n.port} == ports and n.alive), None)
+            if primary is None or any(self._other_sentinels(s) < len(self.sentinels) - 1 for s in self.sentinels):
+                return None
             replicas = [n for n in self.data if n.alive and n is not primary]
-            return self.role(primary) == "master" and all(self.role(n) == "slave:up" for n in replicas) \
+            stable = self.role(primary) == "master" and all(self.role(n) == "slave:up" for n in replicas) \
                 and self._connected_replicas(primary) == len(replicas)
+            return primary if stable else None
         except OSError:
-            return False
+            return None
 
     def _other_sentinels(self, sentinel: Node) -> int:
         reply = sentinel.request([b"SENTINEL", b"SENTINELS", SERVICE.encode()])
@@ -236,9 +239,8 @@ class SentinelCluster:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the Sentinels do not agree on a primary other than {node.name}: {ports}")
             time.sleep(0.1)
-        primary = self.primary()
-        self.start_data(node, primary.port)
-        self.wait_stable(primary)
+        self.start_data(node, self.primary().port)
+        self.wait_stable()
 
     def replicas(self) -> list[Node]:
         primary = self.primary()
