@@ -36,3 +36,17 @@ def test_a_score_after_a_prefill_cut_off_scores_its_first_token(one_thread):
            ("cancel_now", dict(sid="a")),
            ("score", dict(sid="a", n=1, seed=0, pinned=False)))
 
+
+
+def test_a_batched_decode_never_reads_a_slot_it_masks(one_thread):
+    """Decode-only steps batch sequences of different lengths, padding the shorter ones' keys with pool slot 0
+    and masking them out; a masked column still multiplies its value by 0, and 0 * NaN is NaN. Slot 0 held
+    NaN when never written (the pool is torch.empty; here the first step failed before writing it): every
+    token of the batch came out NaN."""
+    replay(("make_engine", dict(num_pages=40, max_running=3, host_pages=0, ttl=None)),
+           ("fail_a_step", dict(now=0)),
+           ("score", dict(sid="a", n=3, seed=0, pinned=False)),
+           ("step", dict(n=1)),
+           ("generate", dict(sid="b", n=1, seed=1, pinned=False, max_tokens=4)),
+           ("generate", dict(sid="c", n=5, seed=2, pinned=False, max_tokens=4)),
+           ("drain", {}))

@@ -66,7 +66,7 @@ class DecodeBatch:
     """A step in which every sequence decodes one token: their keys gathered, rotated and attended as one
     batch (per sequence, each layer cost ~40 small ops; on the CPU that was most of a decode step).
     Key columns: the sinks (0..n_sink_cols-1, rotated at their index), then the window (rotated at their
-    window index); shorter sequences are padded and masked."""
+    window index); shorter sequences are padded (with a key of their own) and masked."""
     slots: torch.Tensor        # [B * K] pool slots, row-major
     n_sink_cols: int
     mask: torch.Tensor         # [B, 1, 1, K] visible keys
@@ -85,6 +85,9 @@ def plan_decode(seqs: list[SeqAttention], rope: RotaryTable) -> DecodeBatch | No
     mask = torch.zeros(len(seqs), ns + nw, dtype=torch.bool, device=device)
     for i, s in enumerate(seqs):
         a, b = len(s.sink_slots), len(s.window_slots)
+        # padding reads the sequence's own newest key (written this step), never slot 0: a masked column still
+        # multiplies its value by 0, and a never-written slot may hold NaN (0 * NaN is NaN for the whole row)
+        slots[i] = (s.window_slots if b else s.sink_slots)[-1]
         slots[i, :a], slots[i, ns:ns + b] = s.sink_slots, s.window_slots
         mask[i, :a], mask[i, ns:ns + b] = s.sink_mask[0], s.window_mask[0]
     keys = torch.cat([torch.arange(ns, device=device), torch.arange(nw, device=device)])
