@@ -32,5 +32,7 @@ def check(report: dict) -> None:
     kills, stall = report["faults"][:2], report["faults"][2]
     assert all(k["old"] != k["new"] for k in kills)  # Sentinel promoted a replica each time
     assert report["turns_acknowledged"] > 16 * 3
-    # WAIT timed out while no replica could answer: turns failed, none was acknowledged
-    assert stall["acknowledged_while_stalled"] == 0 and stall["failed_turn_attempts"] > 0
+    # while no replica could answer WAIT, no turn was acknowledged (they failed, or, on a slow machine, their
+    # commit retries outlasted the stall); turns went on after it
+    assert stall["acknowledged_while_stalled"] == 0
+    assert stall["first_ok_turn_started_after_s"] >= stall["stall_s"]
