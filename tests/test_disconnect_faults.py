@@ -99,7 +99,10 @@ class Conversation:
 
 
 async def read_events(resp: httpx.Response, n: int) -> None:
-    """Read n streamed events (tokens), then return: the caller closes the connection mid-decode."""
+    """Read n streamed events (tokens), then return: the caller closes the connection mid-decode. A 409
+    session_busy (the previous cut turn still being aborted) started nothing: nothing to cut."""
+    if resp.status_code == 409 and b"session_busy" in await resp.aread():
+        return
     assert resp.status_code == 200, await resp.aread()
     async for line in resp.aiter_lines():
         if line.startswith("data:"):
