@@ -129,6 +129,8 @@ async def chaos_run(url: str, cluster: SentinelCluster, sessions: int = 16, kill
     return {"sessions": sessions, "seconds": round(time.monotonic() - started, 1),
             "turns_acknowledged": sum(c.turns for c in traffic.convs),
             "turn_attempts_failed": sum(not a.ok for a in traffic.attempts),
+            "failed_after_start_s": sorted(round(a.end - started, 1) for a in traffic.attempts if not a.ok)[:40],
+            "error_samples": sorted({a.error[:160] for a in traffic.attempts if not a.ok})[:4],
             "acknowledged_turns_lost": lost, "history_mismatches": len(traffic.mismatches()),
             "sessions_continued": sum(stored[c.sid] == (c.turns, len(c.history)) for c in traffic.convs),
             "faults": faults}
