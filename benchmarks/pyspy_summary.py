@@ -38,7 +38,7 @@ def read(path: Path) -> dict[str, list[tuple[list[str], int]]]:
     return out
 
 
-def summarize(path: Path, top: int) -> str:
+def summarize(path: Path, top: int, shares: list[str] = ()) -> str:
     threads = read(path)
     total = sum(n for stacks in threads.values() for _, n in stacks)
     lines = [f"== {path.name}: {total} samples"]
@@ -57,6 +57,13 @@ def summarize(path: Path, top: int) -> str:
         lines.append("   self:      " + "; ".join(f"{k} {100 * v / samples:.0f}%" for k, v in leaf.most_common(top)))
         lines.append("   inclusive: " + "; ".join(f"{k} {100 * v / samples:.0f}%" for k, v in
                                                  inclusive.most_common(top + 6)[6:]))
+        if shares:  # samples whose stack passes through a frame naming each function (the first one named wins)
+            counts = Counter()
+            for frames, n in stacks:
+                keys = [frame_key(f) for f in frames]
+                counts[next((s for s in shares if any(s in k for k in keys)), "other")] += n
+            lines.append("   shares:    " + "; ".join(f"{k} {100 * counts[k] / samples:.0f}%" for k in
+                                                      [*shares, "other"] if counts[k]))
     return "\n".join(lines)
 
 
@@ -64,8 +71,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("raw", type=Path, nargs="+")
     ap.add_argument("--top", type=int, default=8, help="functions listed per thread")
+    ap.add_argument("--share", action="append", default=[], metavar="FUNC",
+                    help="per thread, the share of samples passing through a frame whose name contains FUNC "
+                         "(repeatable; a sample counts for the first FUNC it matches)")
     a = ap.parse_args()
-    print("\n\n".join(summarize(p, a.top) for p in a.raw))
+    print("\n\n".join(summarize(p, a.top, a.share) for p in a.raw))
 
 
 if __name__ == "__main__":

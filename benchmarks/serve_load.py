@@ -429,13 +429,16 @@ def local_app(config: Path, update: dict, replicas: int | None):
 
 @contextmanager
 def engine_alone(args: dict, threads: int):
-    """The app's engine in this process, with as many torch threads as the replica's (Ray sets them from its
-    num_cpus): the same engine, not a wider one."""
+    """The app's engine, its front end in this process, with as many torch threads as the replica's (Ray sets
+    them from its num_cpus): the same engine, not a wider one. The engine core runs in a process forked from a
+    fork server started now, which takes this environment: OMP_NUM_THREADS, not torch.set_num_threads here,
+    gives it its threads, as Ray's OMP_NUM_THREADS gives the replica's engine process its own."""
     import torch
 
     from deployments.config import AppArgs
     from swift_engine import StreamingEngine
 
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
     engine = StreamingEngine(AppArgs.model_validate(args).engine, progress=False)
     try:
