@@ -25,6 +25,7 @@ get "$out/deps" pydantic==2.13.4 pydantic_core==2.46.4 annotated-types==0.7.0 ty
     google-api-core==2.44.0 google-auth==2.63.0 googleapis-common-protos==1.76.0 proto-plus==1.29.0 \
     pyasn1==0.6.3 pyasn1_modules==0.4.2 rsa==4.7.2 smart_open==9.0.4 platformdirs==4.14.9 \
     grpcio-reflection==1.84.0 mmh3==5.3.1 redis==8.1.0 openai==3.57.0 jiter==0.19.0 sniffio==1.3.1 \
-    httpx2==2.16.2 anyio==4.16.0 httpcore2==2.16.2 idna==3.20 truststore==0.10.5 gguf==0.19.0
+    httpx2==2.16.2 anyio==4.16.0 httpcore2==2.16.2 idna==3.20 truststore==0.10.5 gguf==0.19.0 \
+    pyzmq==27.3.0 cloudpickle==3.1.3
 rm -rf "$tmp"
 du -sh "$out"
