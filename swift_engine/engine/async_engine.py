@@ -144,19 +144,24 @@ class StreamingEngine:
                 if isinstance(event, BaseException):  # the engine died (core_client.py)
                     raise event
                 finished = event.finish_reason is not None
+                if finished:  # the session's ended state arrived with it: snapshot() answers from it now
+                    self._release(sid)
                 if event.finish_reason == "error":
                     raise EngineError(event.text)
                 yield event
         finally:
             client.streams.pop(req.id, None)
-            self._busy[sid] -= 1
-            if not self._busy[sid]:
-                del self._busy[sid]
             if not finished:  # consumer went away (or the submit failed): free the request's work
+                self._release(sid)
                 try:
                     client.abort(req.id)
                 except EngineDeadError:
                     pass
+
+    def _release(self, session_id: str) -> None:
+        self._busy[session_id] -= 1
+        if not self._busy[session_id]:
+            del self._busy[session_id]
 
     def _prerender(self, session_id: str, messages: list[dict], pin: str) -> RenderedTurn | None:
         """A turn rendered here against the session's last reported state, or None where that fails
