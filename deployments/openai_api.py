@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.exceptions import RayTaskError
+from ray.serve.exceptions import RequestCancelledError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -203,7 +204,7 @@ class OpenAIIngress:
         sid = session or body.session_id
         scoped = scoped_session_id(request.scope[TENANT_SCOPE_KEY], sid) if sid else None
         turn = ChatRequest(session_id=scoped, sampling=body.sampling(await self._defaults()),
-                           logprobs=body.wants_logprobs, **content)
+                           logprobs=body.wants_logprobs, turn_id=uuid.uuid4().hex, **content)
         self.drain.enter()  # in flight from here: a drain waits for this turn (until_cut's end leaves)
         try:
             upstream, first = await self._first_chunk(turn, scoped)
@@ -237,10 +238,18 @@ class OpenAIIngress:
             raise APIError.of(last.error)
         return JSONResponse(shape.whole(chunks), headers={**headers, DURABLE_HEADER: str(last.durable).lower()})
 
+    def _cutter(self, turn: ChatRequest, sid: str | None):
+        """How the ingress cuts a turn at the replica too (its session's owner): Serve's own cancellation may
+        reach the replica after the request it cancels."""
+        if sid is None:
+            return None
+        return lambda: self.server.options(session_id=sid).cancel_turn.remote(turn.turn_id)
+
     async def _first_chunk(self, turn: ChatRequest, sid: str | None) -> tuple[TurnStream, ChatChunk]:
         """Start the turn; if the replica dies before sending anything, retry once (on the new owner)."""
         for attempt in (1, 2):
-            stream = TurnStream(self.server.options(stream=True, session_id=sid).chat.remote(turn))
+            stream = TurnStream(self.server.options(stream=True, session_id=sid).chat.remote(turn),
+                                self._cutter(turn, sid))
             try:
                 return stream, await stream.__anext__()
             except asyncio.CancelledError:  # the client left before the first token
@@ -248,6 +257,8 @@ class OpenAIIngress:
                 raise
             except StopAsyncIteration:
                 raise APIError(500, "the server ended the turn without a response")
+            except RequestCancelledError:  # cancelled, not lost: never run a cut turn again
+                raise asyncio.CancelledError
             except RayTaskError as exc:  # the replica's code raised: a bug, not a lost replica; no retry
                 raise APIError(500, f"the server failed the turn: {type(exc).__name__}")
             except Exception as exc:  # replica died or was unreachable before streaming anything

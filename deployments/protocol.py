@@ -29,6 +29,8 @@ class ChatRequest(BaseModel):
                                                       "(routing.affinity.pinned_key); None: nothing to prefer")
     logprobs: bool = Field(False, description="report each token's log-probability (and sampling.top_logprobs "
                                               "alternatives) in the chunks")
+    turn_id: str | None = Field(None, description="the ingress's id of this turn; LLMServer.cancel_turn(turn_id) "
+                                                   "stops it, or keeps it from starting if it arrives later")
 
 
 class ErrorInfo(BaseModel):

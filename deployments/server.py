@@ -51,6 +51,9 @@ def error_info(exc: Exception) -> ErrorInfo:
     return ErrorInfo(status=500, type="internal_error", message=f"{type(exc).__name__}: {exc}")
 
 
+CUT_KEEP_S = 60.0  # a cut turn id is remembered this long: its request arrives within it or never
+
+
 class LLMServer:
     def __init__(self, args: dict | AppArgs):
         self.args = AppArgs.model_validate(args)
@@ -63,6 +66,9 @@ class LLMServer:
         self.pending: dict[str, SessionRecord] = {}  # acknowledged, not yet in the store (durability: relaxed)
         self.pruned_at = time.monotonic()  # last time bookkeeping of sessions the engine forgot was dropped
         self.in_turn: Counter[str] = Counter()  # requests between their claim and their end: never pruned
+        self.dropping: dict[str, asyncio.Task] = {}  # a cut turn's drop: the session's next turn waits for it
+        self.cut_turns: dict[str, float] = {}  # turn ids the ingress cut (cancel_turn) -> when, kept CUT_KEEP_S
+        self.turn_tasks: dict[str, asyncio.Task] = {}  # turn id -> the task running it here
         self.write_through: asyncio.Task | None = None
         self.unreachable = False  # relaxed: the store failed lately; no turn waits on it until the write-through
         self.metrics = ServerMetrics(self.args.model_id, self.replica_id)
@@ -82,9 +88,15 @@ class LLMServer:
             yield self._error(sid, InvalidRequestError(
                 f"max_tokens {req.sampling.max_tokens} exceeds the limit {self.args.max_completion_tokens}"))
             return
+        if req.turn_id in self.cut_turns:  # cut before it arrived (Serve's cancellation is best effort)
+            return
         done = False
         self.in_turn[sid] += 1
+        if req.turn_id is not None:
+            self.turn_tasks[req.turn_id] = asyncio.current_task()
         try:
+            if sid in self.dropping:  # the cache an earlier cut turn left must be gone before this turn reads it
+                await asyncio.shield(self.dropping[sid])
             try:
                 reprefill = await self._ensure_owned(sid) if persisted else None
             except (StoreError, EngineError) as exc:
@@ -99,10 +111,26 @@ class LLMServer:
             self.in_turn[sid] -= 1
             if not self.in_turn[sid]:
                 del self.in_turn[sid]
+            self.turn_tasks.pop(req.turn_id, None)
             if not done and persisted:  # client went away: the turn is not committed
-                asyncio.get_running_loop().create_task(self.drop_cached(sid))
+                self._drop_soon(sid)
             if not persisted:
                 asyncio.get_running_loop().create_task(self._drop_when_idle(sid))
+
+    def _drop_soon(self, sid: str) -> None:
+        task = asyncio.get_running_loop().create_task(self.drop_cached(sid))
+        self.dropping[sid] = task
+        task.add_done_callback(lambda t: self.dropping.pop(sid, None) if self.dropping.get(sid) is t else None)
+
+    async def cancel_turn(self, turn_id: str) -> None:
+        """The ingress cut this turn (its client left): stop it here, or keep it from starting if its
+        request is still on its way (Serve may deliver a request after cancelling it)."""
+        now = time.monotonic()
+        self.cut_turns = {t: at for t, at in self.cut_turns.items() if now - at < CUT_KEEP_S}
+        self.cut_turns[turn_id] = now
+        task = self.turn_tasks.get(turn_id)
+        if task is not None:
+            task.cancel()
 
     async def _turn(self, sid: str, req: ChatRequest, persisted: bool,
                     reprefill: tuple[float, str] | None) -> AsyncIterator[ChatChunk]:
@@ -366,7 +394,7 @@ class LLMServer:
     async def _drop_when_idle(self, sid: str) -> None:
         for _ in range(500):  # the engine ends an aborted request at its next step
             try:
-                self.engine.drop(sid)
+                await asyncio.to_thread(self.engine.drop, sid)  # answered between the engine's steps
                 return
             except SessionBusyError:
                 await asyncio.sleep(0.01)

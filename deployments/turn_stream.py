@@ -7,6 +7,8 @@ aborted in the engine and not committed (`LLMServer.chat`).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ray.serve.handle import DeploymentResponseGenerator
 from starlette.responses import StreamingResponse
 
@@ -16,8 +18,10 @@ from .protocol import ChatChunk
 class TurnStream:
     """The LLMServer's chunks of one turn; `done` once its final (or error) chunk arrived."""
 
-    def __init__(self, downstream: DeploymentResponseGenerator):
-        self.downstream, self.done = downstream, False
+    def __init__(self, downstream: DeploymentResponseGenerator, cut: Callable[[], object] | None = None):
+        """`cut`: also tells the LLMServer the turn is cut (LLMServer.cancel_turn), for a request Serve
+        delivers after cancelling it."""
+        self.downstream, self.cut, self.done = downstream, cut, False
 
     def __aiter__(self) -> TurnStream:
         return self
@@ -36,6 +40,8 @@ class TurnStream:
         if not self.done:
             self.done = True
             self.downstream.cancel()
+            if self.cut is not None:
+                self.cut()
 
 
 class TurnResponse(StreamingResponse):
