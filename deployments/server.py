@@ -417,7 +417,8 @@ class LLMServer:
         return self.defaults
 
     def engine_stats(self) -> dict:
-        return {"replica_id": self.replica_id, "pid": os.getpid(), **asdict(self.engine.stats())}
+        return {"replica_id": self.replica_id, "pid": os.getpid(), "engine_pid": self.engine.pid,
+                **asdict(self.engine.stats())}
 
     def check_health(self) -> None:
         if not self.engine.is_alive():

@@ -10,7 +10,7 @@ import pytest
 from ray import serve
 
 from tests.redis_server import redis_server
-from tests.serve_utils import running_app, stream_turn
+from tests.serve_utils import TINY_MODEL_ID, running_app, stream_turn
 
 pytestmark = [pytest.mark.ray, pytest.mark.redis]
 
@@ -98,6 +98,56 @@ async def test_sigkill_a_replica_under_traffic(app):
     assert on_victim and len(moved) >= len(on_victim)
     print(f"\nre-prefill after SIGKILL: {len(moved)} sessions, "
           f"median {sorted(moved)[len(moved) // 2]:.1f} ms, max {max(moved):.1f} ms")
+
+
+async def test_a_dead_engine_process_fails_its_turns_at_once_and_its_replica_is_replaced(app):
+    """The engine process of one replica is SIGKILLed while its turns stream: each of them fails with an
+    error within 5 s (no hang), /health turns the replica out, Serve replaces it, and every session
+    continues on its next turn with all its acknowledged turns."""
+    url, _ = app
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    convs = [Conversation(client, f"engine-{i}") for i in range(10)]
+    await asyncio.gather(*[c.turn() for c in convs])
+    handle = serve.get_deployment_handle("LLMServer", app_name="swiftserve")
+    stats = await handle.options(session_id=convs[0].sid).engine_stats.remote()
+    victim = stats["replica_id"]
+    on_victim = [c for c in convs if c.replicas[-1] == victim]
+    assert on_victim
+
+    async def long_turn(c):
+        history = c.history + [{"role": "user", "content": "a long answer, please"}]
+        try:
+            async with client.chat.completions.with_streaming_response.create(
+                    model=TINY_MODEL_ID, messages=history, stream=True, max_tokens=2000,
+                    extra_body={"ignore_eos": True}, stream_options={"include_usage": True},
+                    extra_headers={"x-session-id": c.sid}) as resp:
+                async for chunk in await resp.parse():
+                    if chunk.usage:
+                        return time.monotonic(), "acknowledged"
+        except (openai.APIError, httpx.HTTPError):
+            pass
+        return time.monotonic(), "failed"
+
+    streams = [asyncio.ensure_future(long_turn(c)) for c in on_victim]
+    await asyncio.sleep(1.0)  # the turns are streaming
+    killed_at = time.monotonic()
+    os.kill(stats["engine_pid"], signal.SIGKILL)
+    ended = await asyncio.wait_for(asyncio.gather(*streams), 60)
+    assert [outcome for _, outcome in ended] == ["failed"] * len(on_victim)
+    assert max(at for at, _ in ended) - killed_at < 5
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # the health check turns the replica out; Serve starts another
+        replicas = {(await handle.options(session_id=c.sid).engine_stats.remote())["replica_id"] for c in convs}
+        if victim not in replicas and live_llm_servers() >= 2:
+            break
+        await asyncio.sleep(1)
+    else:
+        raise AssertionError("the replica with a dead engine was not replaced")
+    await asyncio.gather(*[c.turn() for c in convs])  # every session continues
+    async with httpx.AsyncClient(base_url=url) as http:
+        for c in convs:
+            info = (await http.get(f"/v1/sessions/{c.sid}")).json()
+            assert info["turns"] == c.turns == 2 and info["tokens_seen"] == c.tokens
 
 
 async def test_failover_is_exact_before_eviction(app):

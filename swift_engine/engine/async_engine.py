@@ -97,6 +97,11 @@ class StreamingEngine:
         """Whether the engine process (and, tensor-parallel, every rank) is running (health checks)."""
         return self._client.alive()
 
+    @property
+    def pid(self) -> int:
+        """The engine process's pid (operators' tools, fault tests)."""
+        return self._client.proc.pid
+
     # ---- requests -----------------------------------------------------------------
     async def generate(self, session_id: str, prompt_token_ids: list[int] | None = None,
                        messages: list[dict] | None = None, sampling: SamplingParams | dict | None = None,
