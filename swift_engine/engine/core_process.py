@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import pickle
+import signal
 import sys
 import time
 
@@ -33,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 def run_engine_process(spec: CoreSpec, stall_timeout_s: float) -> None:
     """The process's whole life (the target of the front end's multiprocessing.Process)."""
+    # Ctrl-C in a terminal reaches the whole process group: the front end decides what it means (stop
+    # the reply, shut down); the engine process goes on until the front end tells it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     ctx = zmq.Context()
     out = ctx.socket(zmq.PUSH)
     out.connect(spec.outputs)
