@@ -8,7 +8,6 @@ import hashlib
 import hmac
 import json
 import secrets
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from routing.redis_store import RedisSessionStore
 from routing.store import StoreAuthError, StoreUnavailableError, record_key
 from tests.redis_server import REDIS_SERVER, free_port, redis_server
 from tests.serve_utils import TINY_MODEL_ID as MODEL, local_app_spec, running_app, stream_turn
+from tests.tls_cert import self_signed_cert
 
 TENANTS = ("alpha", "beta", "size", "conc", "rate", "logs")
 KEYS = {t: f"{t}-key-{secrets.token_hex(12)}" for t in TENANTS}
@@ -183,12 +183,7 @@ async def test_store_password_from_env_authenticates(monkeypatch):
 
 @pytest.mark.redis
 async def test_rediss_url_speaks_tls_to_a_real_redis(tmp_path, monkeypatch):
-    if not shutil.which("openssl"):
-        pytest.skip("openssl not installed (makes the test certificate)")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    cert, key = self_signed_cert(tmp_path)
     port = free_port()
     proc = subprocess.Popen([REDIS_SERVER, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
                              "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),

@@ -4,8 +4,6 @@ fencing across a failover, and durable commits (WAIT for replicas) that time out
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 import time
 import uuid
 
@@ -19,6 +17,7 @@ from routing.store import (ReplicationTimeoutError, StaleEpochError, StoreUnavai
                            retry_commit)
 from tests.redis_server import REDIS_SERVER, free_port, reap, spawn
 from tests.sentinel_cluster import SentinelCluster, sentinel_cluster
+from tests.tls_cert import self_signed_cert
 
 pytestmark = pytest.mark.redis
 
@@ -155,12 +154,7 @@ def test_min_replicas_acked_is_typed_and_needs_redis():
 
 async def test_rediss_sentinel_speaks_tls_to_sentinels_and_primary(tmp_path, monkeypatch):
     """rediss+sentinel://: TLS to the Sentinel (discovery) and to the primary it names, the password on both."""
-    if not shutil.which("openssl"):
-        pytest.skip("openssl not installed (makes the test certificate)")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    cert, key = self_signed_cert(tmp_path)
     tls = ["--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
            "--tls-auth-clients", "no", "--port", "0", "--bind", "127.0.0.1", "--requirepass", "pw"]
     primary, sentinel = free_port(), free_port()
