@@ -41,18 +41,19 @@ served)
   pack served ;;
 split)  # the engine process split: served vs engine alone, after (this tree) and/or before (.devmodel/base: the
   # round's start with this serve_load.py), same machine, back to back. N: conversations per run (default
-  # "32"), RUNS: "after before" (default)
+  # "32"), RUNS: "after before" (default), GREEDY=1: greedy beside temperature 1.0 + top_p 0.9 (twice as long)
   source benchmarks/device_setup.sh || exit 1
   python3 -c "import torch; print(torch.cuda.get_device_name())"
   python3 benchmarks/dummy_checkpoint.py --shape llama3-8b --tokenizer .devcarry/smol-tok --out /tmp/llama3-8b-shape
+  gflag=--no-greedy t=295; [ -n "$GREEDY" ] && gflag=--greedy t=560
   for n in ${N:-32}; do for run in ${RUNS:-after before}; do
     flags="--local benchmarks/serve_h200.yaml --conversations $n --turns 8 --max-tokens 128 --temperature 1.0
-        --top-p 0.9 --no-greedy --rate 4 --think-s 0.5 --warmup-s 10 --duration-s 60 --grace-s 5"
+        --top-p 0.9 $gflag --rate 4 --think-s 0.5 --warmup-s 10 --duration-s 60 --grace-s 5"
     if [ $run = after ]; then
-      timeout 295 python3 benchmarks/serve_load.py $flags --out "$OUT/serve_load_process_$n.json" 2>&1 \
+      timeout $t python3 benchmarks/serve_load.py $flags --out "$OUT/serve_load_process_$n.json" 2>&1 \
           | tr '\r' '\n' | grep -v "s/s\]" > "$OUT/after_$n.log"
     else
-      (cd .devmodel/base && PYTHONPATH=/tmp/site:$PWD timeout 295 python3 benchmarks/serve_load.py $flags \
+      (cd .devmodel/base && PYTHONPATH=/tmp/site:$PWD timeout $t python3 benchmarks/serve_load.py $flags \
           --out "$OUT/serve_load_thread_$n.json" 2>&1 | tr '\r' '\n' | grep -v "s/s\]" > "$OUT/before_$n.log")
     fi
     grep -A6 "^== " "$OUT/${run}_$n.log"

@@ -11,7 +11,7 @@ import os
 import time
 import uuid
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from collections.abc import AsyncIterator
 
 from ray import serve
@@ -52,6 +52,14 @@ def error_info(exc: Exception) -> ErrorInfo:
 
 
 CUT_KEEP_S = 60.0  # a cut turn id is remembered this long: its request arrives within it or never
+
+
+@dataclass
+class Owned:
+    """How a turn's session is held here (LLMServer._ensure_owned)."""
+    reprefill: tuple[float, str] | None = None  # rebuilt for this turn: (seconds, cause)
+    resident: bool = False  # in the engine, as it last reported: its submit requires the session
+    record: SessionRecord | None = None  # what rebuilds a resident session the engine forgot meanwhile
 
 
 class LLMServer:
@@ -98,12 +106,12 @@ class LLMServer:
             if sid in self.dropping:  # the cache an earlier cut turn left must be gone before this turn reads it
                 await asyncio.shield(self.dropping[sid])
             try:
-                reprefill = await self._ensure_owned(sid) if persisted else None
+                owned = await self._ensure_owned(sid) if persisted else Owned()
             except (StoreError, EngineError) as exc:
                 done = True
                 yield self._error(sid, exc)
                 return
-            turn = self._turn(sid, req, persisted, reprefill)
+            turn = self._turn(sid, req, persisted, owned)
             async for chunk in coalesce(turn, self.args.stream_batching_interval_ms / 1000):
                 done = chunk.finish_reason is not None or chunk.error is not None
                 yield chunk
@@ -132,8 +140,7 @@ class LLMServer:
         if task is not None:
             task.cancel()
 
-    async def _turn(self, sid: str, req: ChatRequest, persisted: bool,
-                    reprefill: tuple[float, str] | None) -> AsyncIterator[ChatChunk]:
+    async def _turn(self, sid: str, req: ChatRequest, persisted: bool, owned: Owned) -> AsyncIterator[ChatChunk]:
         messages = [m.model_dump() for m in req.messages] if req.messages is not None else None
         request_digest = chain_digest("", messages) if messages is not None else ""
         replay = self._committed_reply(sid, messages, request_digest) if persisted else None
@@ -147,16 +154,16 @@ class LLMServer:
             kw = dict(messages=messages, pin=req.pin or self.args.pin) if messages is not None else \
                 dict(prompt_token_ids=self._encode(req.prompt), pinned_tokens=req.pinned_tokens)
             prefill = self._start_prefill(sid, messages, kw.get("prompt_token_ids"))
-            async for ev in self.engine.generate(sid, sampling=req.sampling, **kw):
+            async for ev in self._events(sid, owned, sampling=req.sampling, **kw):
                 now, first = time.perf_counter(), last == start
                 if first:
                     prefill.first_token()
                 (self.metrics.ttft if first else self.metrics.itl).observe(1000 * (now - last))
                 last = now
-                if first and reprefill is None and ev.reprefill_s is not None:  # evicted here: rebuilt from kept ids
-                    reprefill = (ev.reprefill_s, "evicted")
-                    self.metrics.reprefilled(*reprefill)
-                seconds, cause = reprefill if first and reprefill else (None, None)  # on the first chunk only
+                if first and owned.reprefill is None and ev.reprefill_s is not None:  # evicted: rebuilt from kept ids
+                    owned.reprefill = (ev.reprefill_s, "evicted")
+                    self.metrics.reprefilled(*owned.reprefill)
+                seconds, cause = owned.reprefill if first and owned.reprefill else (None, None)  # first chunk only
                 chunk = ChatChunk(replica_id=self.replica_id, session_id=sid, text=ev.text,
                                   token_ids=[] if ev.token_id is None else [ev.token_id], reprefill_s=seconds,
                                   reprefill_cause=cause,
@@ -184,13 +191,31 @@ class LLMServer:
                 yield chunk.model_copy(update=dict(finish_reason=ev.finish_reason, durable=durable,
                                                    prompt_tokens=ev.usage.prompt_tokens,
                                                    completion_tokens=ev.usage.completion_tokens))
-        except EngineError as exc:
+        except (EngineError, StoreError) as exc:
             if type(exc) is EngineError and persisted:  # a failed step, maybe mid-turn: rebuild from the store
                 await self.drop_cached(sid)
             yield self._error(sid, exc)
         finally:
             if prefill is not None:
                 prefill.stop()
+
+    async def _events(self, sid: str, owned: Owned, **kw) -> AsyncIterator:
+        """The engine's events of the turn. A session `_ensure_owned` found in the engine's last report may
+        have been forgotten since (idle bounds): the engine refuses it before any event, and it is rebuilt
+        from the record here, then submitted again."""
+        try:
+            async for ev in self.engine.generate(sid, require_session=owned.resident, **kw):
+                yield ev
+            return
+        except UnknownSessionError:
+            if not owned.resident:
+                raise
+        if owned.record is None:  # no copy to rebuild from: the store could not be read
+            raise StoreUnavailableError("the session's cache here was forgotten and the store could not be "
+                                        "read; retry the turn")
+        owned.reprefill = await self._restore(sid, owned.record, "forgotten")
+        async for ev in self.engine.generate(sid, **kw):
+            yield ev
 
     def _start_prefill(self, sid: str, messages: list[dict] | None, prompt_ids: list[int] | None) -> Prefill:
         """Watch this turn's prefill, or refuse it (InvalidRequestError) if it cannot finish in time. Its size:
@@ -231,54 +256,47 @@ class LLMServer:
         return ChatChunk(replica_id=self.replica_id, session_id=sid, error=error_info(exc))
 
     # ---- ownership --------------------------------------------------------
-    async def _ensure_owned(self, sid: str) -> tuple[float, str] | None:
-        """Own a current copy of the session; returns (re-prefill seconds, cause) if the cache was rebuilt.
-
-        hold_session (not has_session): a session found in the engine is not forgotten as idle before
-        this turn reaches it, so "the engine has it, no restore" stays true."""
+    async def _ensure_owned(self, sid: str) -> Owned:
+        """Own a current copy of the session: the engine's (as it last reported it: `Owned.resident`), or
+        one rebuilt from the store record (`Owned.reprefill`)."""
         self._prune_forgotten(keep=sid)
-        record, current = None, False
+        resident = self.engine.has_session(sid)
         if sid in self.epochs and self.unreachable:  # relaxed and the store failed lately: serve what we hold
-            if sid in self.pending and not await self.engine.hold_session(sid):
-                return await self._restore(sid, self.pending[sid], "forgotten")  # newer than the store's record
-            if await self.engine.hold_session(sid):
-                return None
-        held = None  # the engine's answer, asked while the store answers: a round trip less per turn
+            if resident:
+                return Owned(resident=True, record=self.pending.get(sid))
+            if sid in self.pending:  # newer than the store's record
+                return Owned(await self._restore(sid, self.pending[sid], "forgotten"))
+        record, current = None, False
         if sid in self.epochs:
-            held = asyncio.ensure_future(self.engine.hold_session(sid))
             try:
                 record = await self.store.get(sid)
             except StoreUnavailableError:
-                if await held:
-                    if self.args.durability == "relaxed":
-                        self.unreachable = True
-                        self._write_through_soon()
-                    return None  # keep serving resident sessions while the store is down
-                raise
-            except BaseException:  # another error, or a cancel: nobody waits for the answer
-                held.cancel()
-                raise
-            if record is None and await held:
+                if not resident:
+                    raise
+                if self.args.durability == "relaxed":
+                    self.unreachable = True
+                    self._write_through_soon()
+                return Owned(resident=True, record=self.pending.get(sid))  # serve it while the store is down
+            if record is None and resident:
                 # the store lost the record (restart without persistence): our copy is the best left
                 self.epochs[sid] = (await self.store.claim(sid, self.replica_id)).epoch
-                return None
+                return Owned(resident=True)
             current = record is not None and record.epoch == self.epochs[sid] and record.owner == self.replica_id
         if not current:
-            if held is not None:  # asked before the engine forgets the session below: asked again after
-                held.cancel()
-            held = None
-            await self._forget(sid)
+            await self._forget(sid)  # drops the engine's copy
             await self._admit(sid)
             claim = await self.store.claim(sid, self.replica_id)
             self.epochs[sid], self.created[sid] = claim.epoch, claim.record.created_at
-            record = claim.previous
+            record, resident = claim.previous, False
             if record is not None and record.owner != self.replica_id:
                 self.metrics.claims.inc()
         if record is not None:
             self.last_turn[sid] = record.model_dump(include=set(LAST_TURN))
-        if await (held or self.engine.hold_session(sid)) or record is None or record.tokens_seen == 0:
-            return None
-        return await self._restore(sid, record, "moved" if record.owner != self.replica_id else "forgotten")
+        if record is None or record.tokens_seen == 0:
+            return Owned()
+        if resident:
+            return Owned(resident=True, record=record)
+        return Owned(await self._restore(sid, record, "moved" if record.owner != self.replica_id else "forgotten"))
 
     def _prune_forgotten(self, keep: str) -> None:
         """The engine forgets idle sessions (max_idle_sessions, idle_session_ttl_s); drop our bookkeeping of

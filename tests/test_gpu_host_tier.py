@@ -76,7 +76,10 @@ def test_round_trip_is_byte_for_byte_and_the_session_continues_bit_identical():
 def test_host_memory_is_pinned():
     c = core(num_pages=160, host_sessions=1)
     assert c.host.num_pages == 66
-    # registered page-locked memory (torch's is_pinned() knows only its own allocator's blocks): a second
-    # registration of the same range is refused as already registered
-    err = torch.cuda.cudart().cudaHostRegister(c.host.host.data_ptr(), c.host.host.numel(), 0)
-    assert int(err) == 712  # cudaErrorHostMemoryAlreadyRegistered
+    # registered page-locked memory (torch's is_pinned() knows only its own allocator's blocks): only a
+    # registered range can be unregistered. Registered again after, so its finalizer's unregister holds.
+    # (Not a second cudaHostRegister refused with 712: a refused call leaves CUDA's last error set, and
+    # the next test's first kernel launch raised it.)
+    cudart, base, nbytes = torch.cuda.cudart(), c.host.host.data_ptr(), c.host.host.numel()
+    assert int(cudart.cudaHostUnregister(base)) == 0
+    assert int(cudart.cudaHostRegister(base, nbytes, 0)) == 0

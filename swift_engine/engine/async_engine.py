@@ -105,16 +105,20 @@ class StreamingEngine:
     # ---- requests -----------------------------------------------------------------
     async def generate(self, session_id: str, prompt_token_ids: list[int] | None = None,
                        messages: list[dict] | None = None, sampling: SamplingParams | dict | None = None,
-                       request_id: str | None = None, pin: str = "none",
-                       pinned_tokens: int = 0) -> AsyncIterator[GenerationEvent]:
+                       request_id: str | None = None, pin: str = "none", pinned_tokens: int = 0,
+                       require_session: bool = False) -> AsyncIterator[GenerationEvent]:
         """Stream events of one turn. `messages` is the full history (OpenAI style). A new session pins
-        (engine/pinned.py) BOS + its system prompt with pin="system", or its first `pinned_tokens` ids."""
+        (engine/pinned.py) BOS + its system prompt with pin="system", or its first `pinned_tokens` ids.
+        require_session: raise UnknownSessionError, before any event, if the engine no longer knows the
+        session (has_session answers from its last report; the idle bounds may have forgotten it since)
+        instead of starting it new: a caller with its own copy restores it then."""
         if (prompt_token_ids is None) == (messages is None):
             raise InvalidRequestError("pass exactly one of prompt_token_ids or messages")
         if pin not in ("none", "system"):
             raise InvalidRequestError(f"pin: expected 'none' or 'system', got {pin!r}")
         req = Request(request_id or uuid.uuid4().hex, session_id, "generate", list(prompt_token_ids or []),
-                      emit=None, sampling=_sampling(sampling), pin=pin, pinned_tokens=pinned_tokens)
+                      emit=None, sampling=_sampling(sampling), pin=pin, pinned_tokens=pinned_tokens,
+                      require_session=require_session)
         # the history check, template and tokens here, not in the engine process (engine/turn_render.py)
         rendered = self._prerender(session_id, messages, pin) if messages is not None else None
         async for event in self._stream(req, "submit", req, messages, rendered):
@@ -197,14 +201,9 @@ class StreamingEngine:
         return dropped
 
     def has_session(self, session_id: str) -> bool:
-        """Whether the engine knows the session, as it last reported (or a request for it is in flight)."""
+        """Whether the engine knows the session, as it last reported (or a request for it is in flight).
+        It may forget an idle one before the next turn arrives: see generate's require_session."""
         return session_id in self._idle or session_id in self._busy
-
-    async def hold_session(self, session_id: str) -> bool:
-        """Whether the engine knows the session; a known session is then kept for its next turn: not
-        forgotten as idle (max_idle_sessions, idle_session_ttl_s) for the next 30 s. Await it to decide
-        not to restore: the engine answers it, so no forgetting can come between."""
-        return await asyncio.wrap_future(self._client.call("hold", session_id))
 
     def resident_sessions(self) -> list[str]:
         return list(self._view.resident)

@@ -81,6 +81,9 @@ class EngineCore:
         session = self.sessions.get(req.session_id)
         if session is not None and session.running:
             raise SessionBusyError(f"session {req.session_id!r} already has a request running")
+        if session is None and req.require_session:  # the caller's view is older than the idle bounds
+            raise UnknownSessionError(f"session {req.session_id!r} is not known to this engine "
+                                      "(forgotten as idle); restore it first")
         session = session or Session(req.session_id, self.config.sink_tokens, self.config.window_tokens)
         if messages is not None:
             if self.tokenizer is None:

@@ -66,7 +66,7 @@ def _exit(ctx, code: int) -> None:
 
 
 class EngineProcess:
-    CALLS = ("submit", "restore", "snapshot", "drop", "hold", "inspect", "shutdown")
+    CALLS = ("submit", "restore", "snapshot", "drop", "inspect", "shutdown")
 
     def __init__(self, spec: CoreSpec, inp, out, stall_timeout_s: float):
         self.inp, self.out, self.front_pid = inp, out, spec.front_pid
@@ -199,9 +199,6 @@ class EngineProcess:
 
     def _drop(self, session_id: str) -> bool:
         return self.core.drop(session_id)
-
-    def _hold(self, session_id: str) -> bool:
-        return self.core.idle.hold(self.core.sessions, session_id)
 
     def _inspect(self, fn: bytes, args: tuple) -> bytes:
         """Run a function on the core (tests and benchmarks: read or instrument its internals). Its

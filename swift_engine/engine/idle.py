@@ -6,7 +6,6 @@ store on its next turn, exactly as after a failover.
 """
 from __future__ import annotations
 
-import threading
 import time
 from collections import OrderedDict
 from typing import Callable
@@ -14,7 +13,6 @@ from typing import Callable
 from .session import Session
 
 CHECK_EVERY_S = 1.0  # the age bound is checked at most this often (the count bound on every new session)
-HOLD_S = 30.0  # a session a caller was told is known is not forgotten for this long (its turn is on the way)
 
 
 class IdleBound:
@@ -23,39 +21,27 @@ class IdleBound:
         self.checked_at = time.monotonic()
         self.forgotten = 0
         self.gone: list[str] = []  # forgotten since the engine process last told its front end
-        # short, never across a step: a caller's "known? then hold" and the engine thread's trim exclude
-        # each other, so a session is never forgotten between a caller seeing it and its turn arriving
-        self.lock = threading.Lock()
-
-    def hold(self, sessions: "OrderedDict[str, Session]", session_id: str) -> bool:
-        """Whether the session is known; if it is, it is kept for HOLD_S (called from any thread)."""
-        with self.lock:
-            session = sessions.get(session_id)
-            if session is not None:
-                session.held_until = time.monotonic() + HOLD_S
-            return session is not None
 
     def trim(self, sessions: "OrderedDict[str, Session]", ids_only: int, keep: str,
              in_host: Callable[[str], bool]) -> None:
         """Forget idle sessions past the count bound (`ids_only`: those known without pages or a host
         copy) and those idle longer than the age bound, least recently used first (`sessions` is
-        LRU-ordered); never `keep` (being submitted) nor a held one (its turn is on its way: an older
-        one goes in its place), nor one in the host tier (bounded by its bytes; it falls to ids only
-        from there). The walk stops at the first it keeps: it costs what it forgets, not what is known."""
+        LRU-ordered); never `keep` (being submitted), nor one in the host tier (bounded by its bytes;
+        it falls to ids only from there). A caller that believed a forgotten session known learns it
+        from its submit (Request.require_session: UnknownSessionError) and restores it. The walk stops at the first it keeps: it costs what it forgets, not what is known."""
         now = time.monotonic()
         if ids_only <= self.max_idle and now - self.checked_at < CHECK_EVERY_S:
             return
         self.checked_at = now
         excess, gone = ids_only - self.max_idle, []
-        with self.lock:
-            for sid, s in sessions.items():
-                if sid == keep or s.running or s.table.pages or s.held_until >= now or in_host(sid):
-                    continue
-                if excess <= 0 and now - s.last_used <= self.ttl:
-                    break  # the rest were used more recently
-                gone.append(sid)
-                excess -= 1
-            for sid in gone:
-                del sessions[sid]
-            self.forgotten += len(gone)
-            self.gone += gone
+        for sid, s in sessions.items():
+            if sid == keep or s.running or s.table.pages or in_host(sid):
+                continue
+            if excess <= 0 and now - s.last_used <= self.ttl:
+                break  # the rest were used more recently
+            gone.append(sid)
+            excess -= 1
+        for sid in gone:
+            del sessions[sid]
+        self.forgotten += len(gone)
+        self.gone += gone

@@ -22,6 +22,7 @@ class Request:
     new_messages: list[dict] | None = None   # consumed when the turn completes
     pin: Literal["none", "system"] = "none"  # a new session's messages: pin BOS + its system prompt
     pinned_tokens: int = 0                   # a new session's prompt ids: pin the first this many
+    require_session: bool = False            # refuse (UnknownSessionError) rather than start the session new
     # progress
     feed: list[int] = field(default_factory=list)  # ids to compute: replay prefix + new ids
     n_replay: int = 0                        # leading ids of feed the session has already seen

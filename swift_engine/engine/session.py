@@ -43,7 +43,6 @@ class Session:
         self.running = False  # a turn is queued or admitted: one at a time per session
         self.admitted = False  # its turn was admitted (holds a page reservation): not evictable until it ends
         self.last_used = time.monotonic()
-        self.held_until = 0.0  # not forgotten as idle before this (engine/idle.py)
 
     def pin(self, tokens: int) -> None:
         """Make the first `tokens` ids the session's sink region (P >= S; before it sees any id)."""
