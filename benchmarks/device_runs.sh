@@ -58,6 +58,9 @@ split)  # the engine process split: served vs engine alone, after (this tree) an
     fi
     grep -A6 "^== " "$OUT/${run}_$n.log"
   done; done ;;
+hosttier-pinned)  # the two GPU test files that failed in sequence (a refused cudaHostRegister left CUDA's last error set)
+  timeout 150 python3 -m pytest -q --noconftest -p no:cacheprovider tests/test_gpu_host_tier.py tests/test_gpu_pinned.py \
+      2>&1 | tee "$OUT/gpu_tests_hosttier_pinned.log" | tail -4 ;;
 gputests)  # every GPU test on this tree
   timeout 540 python3 -m pytest -q --noconftest -p no:cacheprovider tests/test_gpu.py tests/test_gpu_host_tier.py \
       tests/test_gpu_pinned.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;

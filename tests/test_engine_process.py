@@ -72,10 +72,11 @@ async def test_calls_keep_their_typed_errors_across_the_process_boundary():
 
 
 def test_a_script_without_a_main_guard_builds_one_engine(tmp_path):
-    """The engine process is forked from a server that never re-runs the caller's main script."""
+    """The engine process is forked from a server that never re-runs the caller's main script; the script
+    ends without a warning (its progress bars once left a semaphore the resource tracker reported)."""
     script = tmp_path / "chat.py"
     script.write_text("from swift_engine import EngineConfig, SamplingParams, StreamingEngine\n"
-                      "e = StreamingEngine(EngineConfig(model='tiny', window_tokens=48, page_size=8), progress=False)\n"
+                      "e = StreamingEngine(EngineConfig(model='tiny', window_tokens=48, page_size=8), progress=True)\n"
                       "ev = e.generate_sync('s', prompt_token_ids=[1, 2], sampling=SamplingParams(max_tokens=3, "
                       "ignore_eos=True))\n"
                       "print('tokens', len(ev))\n"
@@ -84,3 +85,4 @@ def test_a_script_without_a_main_guard_builds_one_engine(tmp_path):
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count("tokens 3") == 1
+    assert "leaked" not in out.stderr and "Warning" not in out.stderr, out.stderr[-2000:]

@@ -21,6 +21,7 @@ import zmq
 
 from ..errors import CapacityError, EngineError
 from ..models.loader import load_engine_model, resolve_model_dir
+from ..models.progress import thread_lock_only
 from ..models.random_init import random_model
 from ..tokenizer import ChatTokenizer
 from .core import EngineCore
@@ -37,6 +38,7 @@ def run_engine_process(spec: CoreSpec, stall_timeout_s: float) -> None:
     # Ctrl-C in a terminal reaches the whole process group: the front end decides what it means (stop
     # the reply, shut down); the engine process goes on until the front end tells it
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    thread_lock_only()  # for its progress bars (it ends with os._exit)
     ctx = zmq.Context()
     out = ctx.socket(zmq.PUSH)
     out.connect(spec.outputs)

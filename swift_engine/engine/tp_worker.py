@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 from ..config import EngineConfig
 from ..models.families import ModelArgs
 from ..models.loader import load_engine_model, read_config, resolve_model_dir
+from ..models.progress import thread_lock_only
 from ..models.tensor_parallel import check_tensor_parallel
 from .cache_fit import fit_cache_to_model
 from .core import kv_cache_for
@@ -81,6 +82,7 @@ class ProcessWorkers:
 
 
 def _process_main(config: EngineConfig, rank: int, address: str) -> None:
+    thread_lock_only()  # for its progress bars (it ends with os._exit)
     run_worker(config, rank, address)
     sys.stdout.flush()
     sys.stderr.flush()

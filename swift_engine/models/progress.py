@@ -12,6 +12,13 @@ from contextlib import contextmanager
 from tqdm import tqdm
 
 
+def thread_lock_only() -> None:
+    """For a process that ends with os._exit: tqdm's default lock holds a multiprocessing semaphore that
+    only interpreter teardown unlinks, so the resource tracker would warn of a leak when the parent exits.
+    Its bars are drawn by one process; a thread lock is all they need."""
+    tqdm.set_lock(threading.RLock())
+
+
 @contextmanager
 def timed_bar(desc: str, estimate_s: float, enabled: bool = True) -> Iterator[None]:
     """Show `desc` with a bar of `estimate_s` seconds while the block runs (stderr)."""
