@@ -3,7 +3,7 @@ before the turn reaches it. The engine then refuses the turn (require_session) a
 session from the store and runs the turn: it neither fails nor starts the conversation over.
 
 The race is made certain on the simulator (load_format: simulated) with a step table whose long prefill
-step takes 3 s: session C's submit forgets A (evicted to ids only, max_idle_sessions 0) and its step holds
+step takes 6 s: session C's submit forgets A (evicted to ids only, max_idle_sessions 0) and its step holds
 back the report, while A's next turn is decided and submitted (real Ray Serve app, openai client over HTTP).
 """
 import asyncio
@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.ray]
 
 SIM = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_sim.yaml"
 MODEL = "swiftserve-llama-7m"
-SLOW_PREFILL_S = 3.0  # one step of 256 prefill tokens; short prompts (< 64 tokens) take ~5 ms
+SLOW_PREFILL_S = 6.0  # one step of 256 prefill tokens; short prompts (< 64 tokens) take ~5 ms
 
 
 def slow_prefill_table(path: Path) -> str:
@@ -60,9 +60,11 @@ async def test_a_session_forgotten_after_the_replica_looked_is_rebuilt_not_resta
     client = openai.AsyncOpenAI(base_url=f"{app}/v1", api_key="unused", max_retries=0)
     _, a1, _ = await stream_turn(client, "a", say("hello there"), max_tokens=3, model=MODEL)
     await stream_turn(client, "b", say("another one"), max_tokens=3, model=MODEL)  # evicts a to its ids
-    long_turn = asyncio.create_task(stream_turn(client, "c", say(" ".join(f"w{i}" for i in range(300))),
+    long_turn = asyncio.create_task(stream_turn(client, "c", say(" ".join(f"w{i}" for i in range(120))),
                                                 max_tokens=3, model=MODEL))  # its submit forgets a
-    await asyncio.sleep(SLOW_PREFILL_S / 4)  # c's first prefill step is running: a's forgetting unreported
+    # c's submit has reached the engine (a loaded 2-core box: up to ~1 s) and its first prefill step runs:
+    # a's forgetting is not reported before that step ends
+    await asyncio.sleep(SLOW_PREFILL_S / 4)
     a_history = say("hello there") + [{"role": "assistant", "content": a1}] + say("and again")
     headers, a2, usage = await stream_turn(client, "a", a_history, max_tokens=3, model=MODEL)
     assert headers["x-swiftserve-reprefill-cause"] == "forgotten"  # rebuilt from the store, not started new
