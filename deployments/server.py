@@ -54,6 +54,9 @@ def error_info(exc: Exception) -> ErrorInfo:
 CUT_KEEP_S = 60.0  # a cut turn id is remembered this long: its request arrives within it or never
 
 
+REBUILD_ATTEMPTS = 3  # rebuilds of a session the engine forgot after the replica looked, before a 503
+
+
 @dataclass
 class Owned:
     """How a turn's session is held here (LLMServer._ensure_owned)."""
@@ -202,20 +205,23 @@ class LLMServer:
     async def _events(self, sid: str, owned: Owned, **kw) -> AsyncIterator:
         """The engine's events of the turn. A session `_ensure_owned` found in the engine's last report may
         have been forgotten since (idle bounds): the engine refuses it before any event, and it is rebuilt
-        from the record here, then submitted again."""
-        try:
-            async for ev in self.engine.generate(sid, require_session=owned.resident, **kw):
-                yield ev
-            return
-        except UnknownSessionError:
-            if not owned.resident:
-                raise
-        if owned.record is None:  # no copy to rebuild from: the store could not be read
-            raise StoreUnavailableError("the session's cache here was forgotten and the store could not be "
-                                        "read; retry the turn")
-        owned.reprefill = await self._restore(sid, owned.record, "forgotten")
-        async for ev in self.engine.generate(sid, **kw):
-            yield ev
+        from the record here, then submitted again (still required: the idle bounds may strike again)."""
+        for rebuilds in range(REBUILD_ATTEMPTS + 1):
+            try:
+                async for ev in self.engine.generate(sid, require_session=owned.resident, **kw):
+                    yield ev
+                return
+            except UnknownSessionError:
+                if not owned.resident:
+                    raise
+            if owned.record is None:  # no copy to rebuild from: the store could not be read
+                raise StoreUnavailableError("the session's cache here was forgotten and the store could not "
+                                            "be read; retry the turn")
+            if rebuilds == REBUILD_ATTEMPTS:
+                break
+            owned.reprefill = await self._restore(sid, owned.record, "forgotten")
+        raise CapacityError("the replica forgot the session again as soon as it was rebuilt (too many "
+                            "sessions for its memory); retry the turn")
 
     def _start_prefill(self, sid: str, messages: list[dict] | None, prompt_ids: list[int] | None) -> Prefill:
         """Watch this turn's prefill, or refuse it (InvalidRequestError) if it cannot finish in time. Its size:
