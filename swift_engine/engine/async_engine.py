@@ -84,9 +84,9 @@ class StreamingEngine:
 
     def _on_step(self, out: StepOutput) -> None:  # the client's reader thread, once per step
         self._view = out.view
+        for sid in out.forgotten:  # forgotten at a submit, before the step whose ended states follow: a
+            self._idle.pop(sid, None)  # session forgotten and rebuilt within one step is known
         self._idle.update(out.ended)
-        for sid in out.forgotten:
-            self._idle.pop(sid, None)
 
     # ---- life -------------------------------------------------------------------
     def shutdown(self, abort: bool = True) -> None:
